@@ -1,0 +1,53 @@
+"""celery-resilience: make any Celery task survive what production does to it.
+
+Importing this package does no work: nothing connects, loads plugins or reads
+configuration until a resilient task is decorated, installed or run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery_resilience.attempt import Attempt, current_attempt
+from celery_resilience.backoff import Backoff
+from celery_resilience.decorator import resilient
+from celery_resilience.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    CrashBudgetExceeded,
+    LockContended,
+    MissingExtraError,
+    NoCurrentAttempt,
+    ResilienceError,
+)
+from celery_resilience.hookspecs import hookimpl
+from celery_resilience.outcome import GiveUp
+from celery_resilience.plugins import get_plugin_manager
+from celery_resilience.runtime import install
+
+__all__ = [
+    "Attempt",
+    "BackendUnavailable",
+    "Backoff",
+    "ConfigurationError",
+    "CrashBudgetExceeded",
+    "GiveUp",
+    "LockContended",
+    "MissingExtraError",
+    "NoCurrentAttempt",
+    "ResilienceError",
+    "__version__",
+    "current_attempt",
+    "get_plugin_manager",
+    "hookimpl",
+    "install",
+    "resilient",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("celery-resilience")
+    raise AttributeError(f"module 'celery_resilience' has no attribute {name!r}")

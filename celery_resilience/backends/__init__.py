@@ -1,0 +1,1 @@
+"""Built-in backends. Each module is a pluggy plugin providing backend factories."""

@@ -1,0 +1,110 @@
+"""The coordination backend contract every backend implements."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class Admission(enum.Enum):
+    """What :meth:`CoordinationBackend.admit` decided about one delivery."""
+
+    ADMITTED = "admitted"
+    """Run the body: the delivery was counted and the lease (if any) is held."""
+    DUPLICATE = "duplicate"
+    """The task id already completed successfully: do not run it again."""
+    CRASH_BUDGET_SPENT = "crash_budget_spent"
+    """Too many earlier deliveries of this attempt were lost: do not run it again."""
+    LOCK_CONTENDED = "lock_contended"
+    """Another owner holds the lease: do not run the body now."""
+
+
+@dataclass(frozen=True)
+class AdmitResult:
+    """The answer of :meth:`CoordinationBackend.admit`.
+
+    ``deliveries`` counts deliveries of this task id and attempt including this one
+    (0 for a duplicate). ``fencing_token`` is set when a lease was taken.
+    ``lease_remaining`` is, for a contended lease, the seconds until it expires.
+    """
+
+    admission: Admission
+    deliveries: int = 0
+    fencing_token: int | None = None
+    lease_remaining: float = 0.0
+
+
+@runtime_checkable
+class CoordinationBackend(Protocol):
+    """Leases, fencing tokens, delivery counters and completion records.
+
+    Keys are namespaced by the backend (``resilience_key_prefix``); callers pass the
+    bare task id and lock key. Every method is atomic on its own: no other caller can
+    observe a half-applied result. Durations are seconds (floats). Methods raise
+    :class:`celery_resilience.errors.BackendUnavailable` when the store cannot be
+    reached; they never run a task unguarded on an error.
+    """
+
+    url: str
+    """The backend's URL with any password masked."""
+
+    def admit(
+        self,
+        task_id: str,
+        attempt: int,
+        *,
+        owner: str,
+        lock_key: str | None,
+        lease_ttl: float,
+        max_crashes: int,
+        record_ttl: float,
+    ) -> AdmitResult:
+        """Decide, in one atomic step, whether this delivery may run its body.
+
+        In order: if ``task_id`` has a completion record, return ``DUPLICATE``
+        (nothing else changes). Otherwise count the delivery of (``task_id``,
+        ``attempt``), keeping the counter for ``record_ttl``; if the deliveries before
+        this one number ``max_crashes`` or more, return ``CRASH_BUDGET_SPENT``. Then,
+        with a ``lock_key``, take the lease for ``owner`` for ``lease_ttl`` seconds
+        unless another owner holds it: held means ``LOCK_CONTENDED`` with the
+        remaining lease time, and the delivery counter of this attempt is removed
+        (the attempt ends in a retry, not a crash). A taken lease gets a fencing
+        token strictly greater than every earlier token of ``lock_key``.
+        """
+        ...
+
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        *,
+        owner: str,
+        lock_key: str | None,
+        succeeded: bool,
+        record_ttl: float,
+    ) -> bool:
+        """Close a delivery that ran its body, atomically.
+
+        Removes the delivery counter of (``task_id``, ``attempt``), releases
+        ``lock_key`` only if ``owner`` still holds it, and when ``succeeded`` writes
+        the completion record of ``task_id`` for ``record_ttl`` seconds. Returns True
+        when the lease was released by this call, False when there was no lease or
+        another owner held it by then.
+        """
+        ...
+
+    def renew(self, lock_key: str, owner: str, lease_ttl: float) -> bool:
+        """Extend the lease on ``lock_key`` to ``lease_ttl`` seconds if ``owner`` holds it.
+
+        Returns False when the lease was lost (expired or taken by another owner).
+        """
+        ...
+
+    def ping(self) -> None:
+        """Check that the store answers; raise ``BackendUnavailable`` if not."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. The backend may not be used afterwards."""
+        ...

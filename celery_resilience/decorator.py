@@ -1,0 +1,176 @@
+"""``@resilient``: puts the gate around a Celery task's body."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from celery import Task
+from celery import _state as celery_state
+from celery.local import PromiseProxy, Proxy
+
+from celery_resilience.backoff import Backoff
+from celery_resilience.gate import Gate
+from celery_resilience.locks import LockSpec, check_template
+from celery_resilience.options import ResilientOptions
+from celery_resilience.runtime import install
+
+T = TypeVar("T")
+
+
+@overload
+def resilient(task: T) -> T: ...
+
+
+@overload
+def resilient(
+    task: None = None,
+    *,
+    max_retries: int | None = None,
+    lock: LockSpec | None = None,
+    lock_ttl: float | None = None,
+    dlq: bool = True,
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
+    backoff: Backoff | None = None,
+    max_crashes: int | None = None,
+) -> Callable[[T], T]: ...
+
+
+def resilient(
+    task: Any = None,
+    *,
+    max_retries: int | None = None,
+    lock: LockSpec | None = None,
+    lock_ttl: float | None = None,
+    dlq: bool = True,
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
+    backoff: Backoff | None = None,
+    max_crashes: int | None = None,
+) -> Any:
+    """Make a Celery task resilient. Put it directly above ``@app.task``/``@shared_task``.
+
+    :param max_retries: retries allowed (the first run is not a retry); default
+        ``resilience_max_retries`` (10).
+    :param lock: a template over the task's parameters (``"upload:{repoid}"``) or a
+        callable ``(args, kwargs) -> str``; the body runs only while holding a lease
+        on the rendered key.
+    :param lock_ttl: lease length in seconds, renewed while the body runs; default
+        ``resilience_lock_ttl`` (30).
+    :param dlq: whether a task that gives up is kept in the dead-letter queue.
+    :param retry_on: exception classes retried with ``backoff``; others are terminal.
+    :param backoff: delays between retries; default ``Backoff()``.
+    :param max_crashes: lost deliveries of one attempt before it is not run again;
+        default ``resilience_max_crashes`` (3).
+
+    Returns the task itself, so ``.delay()``, ``.apply_async()`` and ``.s()`` work
+    unchanged. Raises ``TypeError`` when given a plain function and
+    :class:`~celery_resilience.errors.ConfigurationError` for a bad option, such as a
+    lock template naming a parameter the task does not have.
+    """
+    options = ResilientOptions(
+        max_retries=max_retries,
+        lock=lock,
+        lock_ttl=lock_ttl,
+        dlq=dlq,
+        retry_on=retry_on if isinstance(retry_on, tuple) else (retry_on,),
+        backoff=backoff if backoff is not None else Backoff(),
+        max_crashes=max_crashes,
+    )
+
+    def decorate(obj: Any) -> Any:
+        _attach(obj, options)
+        return obj
+
+    return decorate if task is None else decorate(task)
+
+
+def _attach(obj: Any, options: ResilientOptions) -> None:
+    """Apply ``options`` to a task, or to the task a Celery proxy will become."""
+    kind = type(obj)
+    if issubclass(kind, PromiseProxy):
+        # @app.task on an app not finalized yet: the task is created later.
+        if obj.__evaluated__():
+            make_resilient(obj._get_current_object(), options)
+            return
+        fun, task_options = _promise_target(obj)
+        _check_lock(options, fun, task_options.get("name") or fun.__qualname__)
+        obj.__then__(lambda: make_resilient(obj._get_current_object(), options))
+    elif issubclass(kind, Proxy):
+        _attach_shared(obj, options)
+    elif isinstance(obj, Task):
+        make_resilient(obj, options)
+    else:
+        raise TypeError(
+            f"@resilient was given {obj!r}, not a Celery task: put @resilient above "
+            "@app.task(...) or @shared_task(...), not below it"
+        )
+
+
+def _promise_target(proxy: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
+    # celery.local.PromiseProxy keeps the factory's arguments until evaluated
+    # (stable through Celery 5.3-5.7): (fun,) and the @app.task options.
+    args = object.__getattribute__(proxy, "_Proxy__args")
+    kwargs = object.__getattribute__(proxy, "_Proxy__kwargs")
+    return args[0], dict(kwargs)
+
+
+def _attach_shared(proxy: Any, options: ResilientOptions) -> None:
+    """Apply ``options`` to every app's copy of a ``@shared_task``.
+
+    ``shared_task`` returns ``Proxy(task_by_cons)`` whose closure holds the function
+    and the explicit name (Celery 5.3-5.7); each app creates its own task from them
+    when it finalizes.
+    """
+    factory = object.__getattribute__(proxy, "_Proxy__local")
+    cells = getattr(factory, "__closure__", None) or ()
+    scope = dict(zip(factory.__code__.co_freevars, (c.cell_contents for c in cells), strict=True))
+    fun = scope.get("fun")
+    if fun is None:
+        raise TypeError(f"@resilient cannot find the task behind {proxy!r}")
+    name = scope.get("name")
+    _check_lock(options, fun, name or fun.__qualname__)
+
+    def apply_to(app: Any) -> None:
+        task = app._tasks.get(name or app.gen_task_name(fun.__name__, fun.__module__))
+        if task is not None:
+            make_resilient(task, options)
+
+    def on_finalize(app: Any) -> None:
+        # Finalize callbacks run in no fixed order, so wait until every task exists.
+        app.on_after_finalize.connect(lambda sender, **kw: apply_to(sender), weak=False)
+
+    celery_state.connect_on_app_finalize(on_finalize)
+    for app in celery_state._get_active_apps():
+        if app.finalized:
+            apply_to(app)
+
+
+def _check_lock(options: ResilientOptions, fun: Callable[..., Any], task_name: str) -> None:
+    if isinstance(options.lock, str):
+        check_template(options.lock, fun, task_name)
+
+
+def make_resilient(task: Any, options: ResilientOptions) -> None:
+    """Put the gate around ``task``'s body and set its per-task delivery options. Idempotent.
+
+    Sets ``acks_late`` and ``reject_on_worker_lost`` on this task only: the crash
+    budget makes redelivery after a lost worker safe.
+    """
+    cls = type(task)
+    if isinstance(cls.__dict__.get("run"), staticmethod) and isinstance(
+        cls.__dict__["run"].__func__, Gate
+    ):
+        return
+    body = task.run
+    _check_lock(options, body, task.name)
+    if options.max_retries is None and cls.__dict__.get("max_retries") is not None:
+        # @app.task(max_retries=N) below @resilient() without its own max_retries.
+        options = dataclasses.replace(options, max_retries=cls.__dict__["max_retries"])
+    cls.acks_late = True
+    cls.reject_on_worker_lost = True
+    if options.max_retries is not None:
+        cls.max_retries = options.max_retries
+    cls.run = staticmethod(Gate(task, options, body))
+    cls.__resilience__ = options
+    install(task.app, validate=False)

@@ -1,0 +1,282 @@
+"""The gate: what runs around a resilient task's body on every delivery.
+
+Order, the same on the first run, each retry and each redelivery: completion record,
+crash budget, lock, body, give-up. The first three are one atomic backend call
+(``admit``) before the body; closing the delivery is one call (``finish``) after it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, NoReturn
+
+from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
+
+from celery_resilience.attempt import Attempt, _current
+from celery_resilience.backends.base import Admission, AdmitResult
+from celery_resilience.errors import BackendUnavailable, CrashBudgetExceeded, LockContended
+from celery_resilience.leases import keeper
+from celery_resilience.locks import LockKey
+from celery_resilience.options import ResilientOptions
+from celery_resilience.outcome import GiveUp
+from celery_resilience.plugins import notify
+from celery_resilience.runtime import Runtime, runtime
+
+logger = logging.getLogger(__name__)
+
+# After retries are spent while the coordination backend is down, the message is
+# requeued; this pause keeps a worker from spinning on it.
+_REQUEUE_PAUSE = 5.0
+
+
+class Delivery:
+    """One delivery of a resilient task, from admission to its outcome."""
+
+    def __init__(self, gate: Gate, rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        task = gate.task
+        request = task.request
+        self.gate, self.rt, self.task = gate, rt, task
+        self.args, self.kwargs = args, kwargs
+        self.task_id: str = request.id
+        self.attempt: int = request.retries or 0
+        self.options = gate.options
+        settings = rt.settings
+        self.max_retries: int = (
+            settings.max_retries if self.options.max_retries is None else self.options.max_retries
+        )
+        if task.max_retries != self.max_retries:
+            # So that the body's own self.retry() honours the same budget.
+            task.max_retries = self.max_retries
+        self.max_crashes = self.options.max_crashes or settings.max_crashes
+        self.lease_ttl = self.options.lock_ttl or settings.lock_ttl
+        self.owner = f"{request.hostname}/{os.getpid()}/{self.task_id}/{secrets.token_hex(4)}"
+        self.lock_key: str | None = None
+        self.deliveries = 0
+
+    # -- the steps -------------------------------------------------------
+
+    def run(self) -> Any:
+        if self.gate.lock is not None:
+            try:
+                self.lock_key = self.gate.lock.render(self.args, self.kwargs)
+            except Exception as exc:
+                self.give_up("error", exc)
+        try:
+            admitted = self.rt.backend.admit(
+                self.task_id,
+                self.attempt,
+                owner=self.owner,
+                lock_key=self.lock_key,
+                lease_ttl=self.lease_ttl,
+                max_crashes=self.max_crashes,
+                record_ttl=self.rt.settings.completion_ttl,
+            )
+        except BackendUnavailable as exc:
+            self.backend_down(exc)
+        self.deliveries = admitted.deliveries
+        if admitted.deliveries > 1:
+            self.emit(
+                "resilience_redelivery_seen", attempt=self.attempt, deliveries=self.deliveries
+            )
+        if admitted.admission is Admission.ADMITTED:
+            return self.run_body(admitted)
+        if admitted.admission is Admission.DUPLICATE:
+            self.emit("resilience_duplicate_suppressed")
+            raise Ignore()
+        if admitted.admission is Admission.CRASH_BUDGET_SPENT:
+            self.emit(
+                "resilience_crash_budget_spent",
+                attempt=self.attempt,
+                deliveries=self.deliveries,
+                max_crashes=self.max_crashes,
+            )
+            self.give_up(
+                "worker_lost",
+                CrashBudgetExceeded(
+                    f"task {self.task.name}[{self.task_id}] attempt {self.attempt} was lost "
+                    f"with its worker {self.deliveries - 1} times (max_crashes="
+                    f"{self.max_crashes}); not running it again"
+                ),
+            )
+        return self.contended(admitted)
+
+    def contended(self, admitted: AdmitResult) -> NoReturn:
+        assert self.lock_key is not None
+        self.emit(
+            "resilience_lock_contended",
+            lock_key=self.lock_key,
+            lease_remaining=admitted.lease_remaining,
+        )
+        exc = LockContended(
+            f"lock {self.lock_key!r} of task {self.task.name}[{self.task_id}] is held by "
+            f"another attempt for {admitted.lease_remaining:.1f} s more"
+        )
+        if self.attempt >= self.max_retries:
+            self.give_up("lock_contended", exc)
+        delay = min(admitted.lease_remaining, self.options.backoff.delay(self.attempt))
+        self.retry("lock_contended", delay, exc)
+
+    def run_body(self, admitted: AdmitResult) -> Any:
+        attempt = Attempt(
+            task_name=self.task.name,
+            task_id=self.task_id,
+            attempt=self.attempt,
+            deliveries=self.deliveries,
+            lock_key=self.lock_key,
+            fencing_token=admitted.fencing_token,
+        )
+        token = _current.set(attempt)
+        renewing = (
+            keeper.hold(self.rt.backend, self.lock_key, self.owner, self.lease_ttl, attempt)
+            if self.lock_key is not None
+            else nullcontext()
+        )
+        try:
+            with renewing:
+                value = self.gate.body(*self.args, **self.kwargs)
+        except Retry as retry:
+            # The body called self.retry(): Celery already published the retry.
+            self.finish(succeeded=False)
+            self.emit_retry("requested", _countdown(retry))
+            raise
+        except (Ignore, Reject):
+            self.finish(succeeded=False)
+            raise
+        except Exception as exc:
+            self.finish(succeeded=False)
+            retryable = isinstance(exc, self.options.retry_on)
+            if retryable and self.attempt < self.max_retries:
+                self.retry("exception", self.options.backoff.delay(self.attempt), exc)
+            spent = retryable or isinstance(exc, MaxRetriesExceededError)
+            self.give_up("max_retries" if spent else "error", exc)
+        except BaseException:
+            # SystemExit / KeyboardInterrupt: the worker is going away; free the lock.
+            self.finish(succeeded=False)
+            raise
+        finally:
+            _current.reset(token)
+        self.finish(succeeded=True)
+        return value
+
+    def finish(self, *, succeeded: bool) -> None:
+        """Close the delivery; a backend error is logged, never raised (the body ran)."""
+        try:
+            self.rt.backend.finish(
+                self.task_id,
+                self.attempt,
+                owner=self.owner,
+                lock_key=self.lock_key,
+                succeeded=succeeded,
+                record_ttl=self.rt.settings.completion_ttl,
+            )
+        except BackendUnavailable as exc:
+            logger.error(
+                "celery-resilience: task %s[%s] ran but its delivery could not be closed "
+                "(its lease expires by itself): %s",
+                self.task.name,
+                self.task_id,
+                exc,
+            )
+
+    # -- outcomes --------------------------------------------------------
+
+    def retry(self, reason: str, countdown: float, exc: BaseException) -> NoReturn:
+        """Publish the next attempt after ``countdown`` seconds and end this one."""
+        countdown = self.rt.cap_countdown(countdown)
+        try:
+            self.task.retry(exc=exc, countdown=countdown, max_retries=self.max_retries)
+        except Retry:
+            self.emit_retry(reason, countdown)
+            raise
+        except Exception as error:
+            if error is exc or self.task.request.is_eager:
+                raise
+            # The retry could not be published (broker down): requeue, lose nothing.
+            logger.error(
+                "celery-resilience: task %s[%s] could not publish its retry (%r); requeueing",
+                self.task.name,
+                self.task_id,
+                error,
+            )
+            raise Reject(error, requeue=True) from error
+        raise AssertionError("Task.retry() returned instead of raising")  # pragma: no cover
+
+    def give_up(self, reason: str, exc: BaseException) -> NoReturn:
+        """End the task for good: tell the plugins, then fail with ``exc``."""
+        request = self.task.request
+        outcome = GiveUp(
+            task_name=self.task.name,
+            task_id=self.task_id,
+            reason=reason,
+            exception=exc,
+            args=tuple(self.args),
+            kwargs=dict(self.kwargs),
+            attempts=self.attempt + 1,
+            deliveries=self.deliveries,
+            lock_key=self.lock_key,
+            hostname=request.hostname,
+            delivery_info=dict(request.delivery_info or {}),
+        )
+        notify(self.rt.plugins, "resilience_task_gave_up", outcome=outcome)
+        raise exc
+
+    def backend_down(self, exc: BackendUnavailable) -> NoReturn:
+        """Never run unguarded: retry later, or requeue once retries are spent."""
+        logger.error(
+            "celery-resilience: task %s[%s] not run: %s", self.task.name, self.task_id, exc
+        )
+        if self.attempt < self.max_retries:
+            self.retry("backend_unavailable", self.options.backoff.delay(self.attempt), exc)
+        time.sleep(_REQUEUE_PAUSE)
+        raise Reject(exc, requeue=True)
+
+    def emit_retry(self, reason: str, countdown: float) -> None:
+        self.emit(
+            "resilience_retry_scheduled", attempt=self.attempt, reason=reason, countdown=countdown
+        )
+
+    def emit(self, hook: str, **kwargs: Any) -> None:
+        notify(self.rt.plugins, hook, task_name=self.task.name, task_id=self.task_id, **kwargs)
+
+
+def _countdown(retry: Retry) -> float:
+    """Seconds until a user-requested retry runs, from ``Retry.when`` (number or datetime)."""
+    when: Any = retry.when
+    if isinstance(when, (int, float)):
+        return float(when)
+    if when is None:
+        return 0.0
+    try:
+        from datetime import datetime, timezone
+
+        return max(0.0, float((when - datetime.now(timezone.utc)).total_seconds()))
+    except TypeError:
+        return 0.0
+
+
+class Gate:
+    """Replaces a task's ``run``: every call from a worker or ``apply`` goes through it.
+
+    A direct call (``task(...)`` outside a worker) runs the body with no gate, as
+    Celery runs a plain function call.
+    """
+
+    def __init__(self, task: Any, options: ResilientOptions, body: Callable[..., Any]) -> None:
+        self.task = task
+        self.options = options
+        self.body = body
+        self.lock: LockKey | None = None
+        if options.lock is not None:
+            self.lock = LockKey(options.lock, inspect.signature(body))
+        self.__wrapped__ = body
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.task.request.called_directly:
+            return self.body(*args, **kwargs)
+        return Delivery(self, runtime(self.task.app), args, kwargs).run()

@@ -1,0 +1,94 @@
+"""Hook specifications: what a celery-resilience plugin can implement.
+
+Plugins register through the ``celery_resilience`` entry-point group and implement
+any of these with :data:`celery_resilience.hookimpl`. Provider hooks return a value
+(the first non-``None`` result wins); observer hooks return nothing, are called after
+the event happened, and a raising observer is logged and never fails the task.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from celery_resilience.backends.base import CoordinationBackend
+    from celery_resilience.outcome import GiveUp
+    from celery_resilience.settings import Settings
+
+PROJECT = "celery_resilience"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def resilience_coordination_backend(url: str, settings: Settings) -> CoordinationBackend | None:
+    """Build the coordination backend for ``url`` (leases, counters, completion records).
+
+    Called once per process when a resilient task first runs (and at worker start to
+    check the backend answers). Return ``None`` when ``url``'s scheme is not yours;
+    the first non-``None`` result is used. Built in: ``memory://``, ``redis://``,
+    ``rediss://``.
+
+    :param url: the ``resilience_url`` setting, password included.
+    :param settings: all validated settings (``key_prefix`` namespaces your keys).
+    """
+
+
+@hookspec
+def resilience_retry_scheduled(
+    task_name: str, task_id: str, attempt: int, reason: str, countdown: float
+) -> None:
+    """A retry of a resilient task was published and will run after ``countdown`` seconds.
+
+    :param attempt: the attempt that is retrying (0 for the first run).
+    :param reason: ``exception`` (a ``retry_on`` error), ``lock_contended``,
+        ``requested`` (the body called ``self.retry``) or ``backend_unavailable``.
+    :param countdown: seconds until the retry may run (``None``-free; 0 when immediate).
+    """
+
+
+@hookspec
+def resilience_lock_contended(
+    task_name: str, task_id: str, lock_key: str, lease_remaining: float
+) -> None:
+    """An attempt did not run its body because another owner held ``lock_key``.
+
+    :param lease_remaining: seconds until the holder's lease expires unless renewed.
+    """
+
+
+@hookspec
+def resilience_redelivery_seen(task_name: str, task_id: str, attempt: int, deliveries: int) -> None:
+    """The same attempt of a task arrived again: an earlier delivery was lost.
+
+    :param deliveries: deliveries of this attempt so far, this one included (>= 2).
+    """
+
+
+@hookspec
+def resilience_crash_budget_spent(
+    task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
+) -> None:
+    """An attempt was lost with its worker ``max_crashes`` times and is not run again.
+
+    The task then gives up with reason ``worker_lost``
+    (:func:`resilience_task_gave_up` follows).
+    """
+
+
+@hookspec
+def resilience_duplicate_suppressed(task_name: str, task_id: str) -> None:
+    """A delivery of a task id that already succeeded was acked without running."""
+
+
+@hookspec
+def resilience_task_gave_up(outcome: GiveUp) -> None:
+    """A resilient task gave up and will not run again; its state becomes FAILURE.
+
+    Called before the message is acked. ``outcome.reason`` is ``max_retries``,
+    ``error``, ``worker_lost`` or ``lock_contended``; ``outcome`` carries what a
+    replay needs (arguments, routing) and what a person needs (exception, traceback).
+    """

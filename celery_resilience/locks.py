@@ -1,0 +1,87 @@
+"""Lock keys: rendering ``lock=`` templates or callables from a task's arguments."""
+
+from __future__ import annotations
+
+import inspect
+import string
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from celery_resilience.errors import ConfigurationError
+
+LockSpec = str | Callable[[Sequence[Any], Mapping[str, Any]], str]
+
+
+def template_fields(template: str) -> list[str]:
+    """Return the argument names a ``str.format`` template refers to, in order.
+
+    ``"upload:{repoid}:{commit.sha}"`` gives ``["repoid", "commit"]``. Positional
+    fields (``{}``, ``{0}``) are refused: a key must name its arguments.
+    """
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigurationError(f"lock template {template!r} is malformed: {exc}") from None
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        base = field.split(".", 1)[0].split("[", 1)[0]
+        if not base or base.isdigit():
+            raise ConfigurationError(
+                f"lock template {template!r} uses a positional field {{{field}}}: "
+                "name the task's parameter instead, e.g. {repoid}"
+            )
+        names.append(base)
+    return names
+
+
+def check_template(template: str, fun: Callable[..., Any], task_name: str) -> None:
+    """Raise :class:`ConfigurationError` if ``template`` names a parameter ``fun`` lacks."""
+    params = inspect.signature(fun).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name in template_fields(template):
+        if name not in params and not takes_any:
+            raise ConfigurationError(
+                f"lock template {template!r} of task {task_name!r} names {name!r}, "
+                f"which is not a parameter of the task (parameters: {', '.join(params) or 'none'})"
+            )
+
+
+class LockKey:
+    """Renders the lock key of one task from the arguments of each call.
+
+    ``signature`` is the signature the body is called with (without ``self`` for a
+    bound task), used to bind positional arguments to their names and fill defaults.
+    """
+
+    def __init__(self, spec: LockSpec, signature: inspect.Signature) -> None:
+        self._spec = spec
+        self._signature = signature
+
+    def render(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """Return the key for a call with ``args`` and ``kwargs``.
+
+        Raises :class:`ConfigurationError` when the arguments do not fit the task's
+        signature or a callable returns something other than a non-empty string.
+        """
+        if callable(self._spec):
+            key = self._spec(args, kwargs)
+            if not isinstance(key, str) or not key:
+                raise ConfigurationError(
+                    f"lock callable {self._spec!r} returned {key!r}: expected a non-empty str"
+                )
+            return key
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ConfigurationError(f"cannot render lock {self._spec!r}: {exc}") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        for name, param in self._signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                values.update(values.pop(name, {}))
+        try:
+            return self._spec.format_map(values)
+        except (KeyError, AttributeError, IndexError) as exc:
+            raise ConfigurationError(f"cannot render lock {self._spec!r}: missing {exc}") from None

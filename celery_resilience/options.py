@@ -1,0 +1,54 @@
+"""The options of one ``@resilient`` task, validated when the task is decorated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from celery_resilience.backoff import Backoff
+from celery_resilience.errors import ConfigurationError
+from celery_resilience.locks import LockSpec
+
+
+@dataclass(frozen=True)
+class ResilientOptions:
+    """What ``@resilient(...)`` was given. ``None`` means "use the app's setting"."""
+
+    max_retries: int | None = None
+    lock: LockSpec | None = None
+    lock_ttl: float | None = None
+    dlq: bool = True
+    retry_on: tuple[type[BaseException], ...] = ()
+    backoff: Backoff = field(default_factory=Backoff)
+    max_crashes: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("max_retries", self.max_retries, 0)
+        _check_int("max_crashes", self.max_crashes, 1)
+        if self.lock is not None and not (isinstance(self.lock, str) or callable(self.lock)):
+            raise ConfigurationError(
+                f"@resilient lock={self.lock!r}: expected a template string such as "
+                "'upload:{repoid}' or a callable (args, kwargs) -> str"
+            )
+        if self.lock_ttl is not None and (
+            isinstance(self.lock_ttl, bool)
+            or not isinstance(self.lock_ttl, (int, float))
+            or self.lock_ttl <= 0
+        ):
+            raise ConfigurationError(f"@resilient lock_ttl={self.lock_ttl!r}: expected seconds > 0")
+        if not isinstance(self.dlq, bool):
+            raise ConfigurationError(f"@resilient dlq={self.dlq!r}: expected True or False")
+        if not all(isinstance(e, type) and issubclass(e, BaseException) for e in self.retry_on):
+            raise ConfigurationError(
+                f"@resilient retry_on={self.retry_on!r}: expected exception classes"
+            )
+        if not isinstance(self.backoff, Backoff):
+            raise ConfigurationError(
+                f"@resilient backoff={self.backoff!r}: expected a celery_resilience.Backoff"
+            )
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"@resilient {name}={value!r}: expected an integer >= {minimum}")

@@ -1,0 +1,46 @@
+"""The plugin manager: hook specs, built-in plugins and ``celery_resilience`` entry points."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import pluggy
+
+from celery_resilience import hookspecs
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def get_plugin_manager() -> pluggy.PluginManager:
+    """Return this process' plugin manager, built on first call.
+
+    Built-in backends are registered as ordinary plugins, then every plugin of the
+    ``celery_resilience`` entry-point group is loaded.
+    """
+    from celery_resilience.backends import memory, redis
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(memory, name="celery_resilience.backends.memory")
+    pm.register(redis, name="celery_resilience.backends.redis")
+    pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    return pm
+
+
+def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of observer hook ``hook_name``, isolating failures.
+
+    Unlike ``pm.hook.<name>(...)``, an implementation that raises is logged with its
+    traceback and the others still run; the caller never sees the exception.
+    """
+    hook = getattr(pm.hook, hook_name)
+    for impl in reversed(hook.get_hookimpls()):
+        try:
+            impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception:
+            logger.exception(
+                "celery-resilience: plugin %s failed in %s", impl.plugin_name, hook_name
+            )

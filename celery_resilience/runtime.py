@@ -1,0 +1,122 @@
+"""Per-app state: validated settings, the plugin manager and the coordination backend.
+
+Built lazily and once per process (a forked prefork child builds its own, so no
+connection crosses a fork). :func:`install` is the explicit entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from celery_resilience.backends.base import CoordinationBackend
+from celery_resilience.errors import ConfigurationError
+from celery_resilience.plugins import get_plugin_manager
+from celery_resilience.settings import Settings, load_settings
+from celery_resilience.urls import mask_url
+
+logger = logging.getLogger(__name__)
+
+_REDIS_BROKERS = ("redis://", "rediss://", "sentinel://", "redis+socket://")
+_DEFAULT_VISIBILITY_TIMEOUT = 3600.0  # kombu's Redis transport default, in seconds
+
+
+@dataclass
+class Runtime:
+    """Everything a resilient task needs at delivery time, for one app in one process."""
+
+    app: Any
+    settings: Settings
+    plugins: pluggy.PluginManager
+    countdown_cap: float | None
+    pid: int = field(default_factory=os.getpid)
+    _backend: CoordinationBackend | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def backend(self) -> CoordinationBackend:
+        """The coordination backend, built on first use by the first plugin serving its URL."""
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    self._backend = build_backend(self.plugins, self.settings)
+        return self._backend
+
+    def cap_countdown(self, seconds: float) -> float:
+        """Clamp a retry countdown so the broker does not deliver the task twice.
+
+        With a Redis broker a message waiting longer than the visibility timeout is
+        delivered again, so countdowns are kept to half of it.
+        """
+        if self.countdown_cap is not None:
+            return min(seconds, self.countdown_cap)
+        return seconds
+
+
+def build_backend(plugins: pluggy.PluginManager, settings: Settings) -> CoordinationBackend:
+    """Ask the plugins for the coordination backend of ``settings.url``."""
+    backend = plugins.hook.resilience_coordination_backend(url=settings.url, settings=settings)
+    if backend is None:
+        raise ConfigurationError(
+            f"setting resilience_url={mask_url(settings.url)!r}: no installed backend serves "
+            "this URL scheme (built in: memory://, redis://, rediss://)"
+        )
+    return backend  # type: ignore[no-any-return]
+
+
+def _countdown_cap(conf: Any) -> float | None:
+    broker = conf.get("broker_url") or ""
+    if not isinstance(broker, str) or not broker.lower().startswith(_REDIS_BROKERS):
+        return None
+    options = conf.get("broker_transport_options") or {}
+    timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
+    return float(timeout) / 2
+
+
+_runtimes: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
+_runtimes_lock = threading.Lock()
+
+
+def runtime(app: Any) -> Runtime:
+    """Return the runtime of ``app`` in this process, loading settings on first call.
+
+    Raises :class:`ConfigurationError` when a setting is invalid.
+    """
+    rt = _runtimes.get(app)
+    if rt is not None and rt.pid == os.getpid():
+        return rt
+    with _runtimes_lock:
+        rt = _runtimes.get(app)
+        if rt is None or rt.pid != os.getpid():
+            rt = Runtime(
+                app=app,
+                settings=load_settings(app.conf),
+                plugins=get_plugin_manager(),
+                countdown_cap=_countdown_cap(app.conf),
+            )
+            _runtimes[app] = rt
+        return rt
+
+
+def install(app: Any, *, validate: bool = True) -> None:
+    """Install celery-resilience into ``app``. Idempotent.
+
+    Adds the worker boot step that checks settings and backends at worker start.
+    With ``validate`` (the default) the settings are read and checked now, raising
+    :class:`ConfigurationError` on a bad one; ``@resilient`` installs with
+    ``validate=False`` so that decorating a task does not load the app's
+    configuration early.
+    """
+    if not getattr(app, "_celery_resilience_installed", False):
+        from celery_resilience.worker import ResilienceBootstep
+
+        app.steps["worker"].add(ResilienceBootstep)
+        app._celery_resilience_installed = True
+    if validate:
+        runtime(app)

@@ -1,0 +1,44 @@
+"""The worker boot step: checks settings and backends when a worker starts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from celery_resilience.errors import ResilienceError
+from celery_resilience.runtime import runtime
+from celery_resilience.urls import mask_url
+
+logger = logging.getLogger(__name__)
+
+
+class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Fails worker start on a bad setting or an unreachable backend, with one clear line.
+
+    Warns when the coordination backend is ``memory://`` because no ``resilience_url``
+    was set and the broker is not Redis: leases and crash budgets then live in each
+    process only.
+    """
+
+    label = "celery-resilience"
+
+    def start(self, worker: Any) -> None:
+        try:
+            rt = runtime(worker.app)
+            rt.backend.ping()
+        except ResilienceError as exc:
+            logger.critical("celery-resilience: %s", exc)
+            raise
+        settings = rt.settings
+        if settings.url.lower().startswith("memory://"):
+            logger.warning(
+                "celery-resilience: coordination backend is memory://%s: leases, crash "
+                "budgets and completion records are per process and do not hold across "
+                "worker processes or nodes; set resilience_url to a redis:// URL",
+                " (resilience_url unset and the broker is not Redis)"
+                if settings.url_is_default
+                else "",
+            )
+        logger.info("celery-resilience: coordination backend %s", mask_url(settings.url))
