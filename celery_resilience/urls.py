@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_resilience.errors import ConfigurationError
 
+_USERINFO = re.compile(r"(?P<head>://[^:/@]*):[^@/]*@")
+
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``**``, as Celery prints broker URLs."""
-    return str(maybe_sanitize_url(url))
+    """Return ``url`` with its password replaced by ``**``, as Celery prints broker URLs.
+
+    A URL too malformed for kombu to parse is masked by pattern instead.
+    """
+    try:
+        return str(maybe_sanitize_url(url))
+    except ValueError:
+        return _USERINFO.sub(r"\g<head>:**@", url)
 
 
 def url_scheme(url: str, setting: str) -> str:

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real Redis, and a coordination backend per built-in kind."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _unreachable(what: str, exc: BaseException) -> None:
+    """Skip a test whose service is down, except under CI where that is a failure."""
+    message = f"{what} unreachable: {exc}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The URL of the real Redis the tests use; skips (fails under CI) if it is down."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unreachable(f"Redis at {REDIS_URL}", exc)
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def key_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A key prefix of this test alone; its Redis keys are removed afterwards."""
+    prefix = f"crtest:{uuid.uuid4().hex[:12]}"
+    yield prefix
+    if "redis_url" in request.fixturenames:
+        import redis
+
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """The URL of each built-in coordination backend (a fresh memory store each time)."""
+    if request.param == "memory":
+        return f"memory://test-{uuid.uuid4().hex[:8]}"
+    return str(request.getfixturevalue("redis_url"))
