@@ -132,6 +132,21 @@ def test_contended_attempt_does_not_count_as_a_crash(backend: CoordinationBacken
         assert result.admission is Admission.LOCK_CONTENDED
 
 
+def test_lost_deliveries_carry_over_when_the_redelivery_is_contended(
+    backend: CoordinationBackend,
+) -> None:
+    """A crashed holder's redelivery that meets its own dead lease keeps its crash count."""
+    key = f"k-{new_id()}"
+    tid = new_id()
+    admit(backend, tid, owner="d1", lock_key=key, lease_ttl=0.2)  # runs, is lost
+    contended = admit(backend, tid, owner="d2", lock_key=key, lease_ttl=0.2)
+    assert contended.admission is Admission.LOCK_CONTENDED
+    time.sleep(0.3)  # the dead holder's lease expires; the retry (attempt 1) runs
+    retry = admit(backend, tid, attempt=1, owner="d3", lock_key=key, lease_ttl=0.2)
+    assert retry.admission is Admission.ADMITTED
+    assert retry.deliveries == 2
+
+
 def test_owner_release_frees_the_key_for_the_next_owner(backend: CoordinationBackend) -> None:
     """finish() by the owner releases the lease and the next owner gets a larger token."""
     key = f"k-{new_id()}"

@@ -68,9 +68,11 @@ class CoordinationBackend(Protocol):
         this one number ``max_crashes`` or more, return ``CRASH_BUDGET_SPENT``. Then,
         with a ``lock_key``, take the lease for ``owner`` for ``lease_ttl`` seconds
         unless another owner holds it: held means ``LOCK_CONTENDED`` with the
-        remaining lease time, and the delivery counter of this attempt is removed
-        (the attempt ends in a retry, not a crash). A taken lease gets a fencing
-        token strictly greater than every earlier token of ``lock_key``.
+        remaining lease time; the delivery counter of this attempt is removed (this
+        delivery ends in a retry, not a crash) and the deliveries lost before it
+        become the starting count of attempt ``attempt + 1``, so a poison task that
+        also holds a lock still spends its crash budget. A taken lease gets a
+        fencing token strictly greater than every earlier token of ``lock_key``.
         """
         ...
 

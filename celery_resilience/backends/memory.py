@@ -101,6 +101,9 @@ class MemoryCoordinationBackend:
             lease, fence = self._lock_keys(lock_key)
             if store.get(lease, now) is not None:
                 del store.data[deliveries_key]
+                if deliveries > 1:
+                    following = self._keys(task_id, attempt + 1)[1]
+                    store.set(following, deliveries - 1, record_ttl, now)
                 return AdmitResult(
                     Admission.LOCK_CONTENDED, deliveries, lease_remaining=store.ttl(lease, now)
                 )

@@ -17,7 +17,8 @@ from celery_resilience.urls import mask_url
 if TYPE_CHECKING:
     import redis
 
-# KEYS: 1 completion record, 2 delivery counter, [3 lease, 4 fencing counter]
+# KEYS: 1 completion record, 2 delivery counter,
+#       [3 lease, 4 fencing counter, 5 delivery counter of the next attempt]
 # ARGV: 1 owner, 2 lease ttl ms, 3 max crashes, 4 record ttl ms
 # Returns {status, deliveries, fencing token, lease ms left}; status 0 admitted,
 # 1 duplicate, 2 crash budget spent, 3 lock contended.
@@ -34,7 +35,12 @@ if #KEYS < 3 then
   return {0, deliveries, 0, 0}
 end
 if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  -- This delivery ends in a retry, not a crash; the lost ones before it carry
+  -- over to the next attempt so a poison task with a lock still spends its budget.
   redis.call('DEL', KEYS[2])
+  if deliveries > 1 then
+    redis.call('SET', KEYS[5], deliveries - 1, 'PX', ARGV[4])
+  end
   return {3, deliveries, 0, redis.call('PTTL', KEYS[3])}
 end
 -- token = max(previous + 1, server time in microseconds): increasing even after
@@ -117,7 +123,11 @@ class RedisCoordinationBackend:
     def _keys(self, task_id: str, attempt: int, lock_key: str | None) -> list[str]:
         keys = [f"{self._prefix}:done:{task_id}", f"{self._prefix}:deliveries:{task_id}:{attempt}"]
         if lock_key is not None:
-            keys += [f"{self._prefix}:lock:{lock_key}", f"{self._prefix}:fence:{lock_key}"]
+            keys += [
+                f"{self._prefix}:lock:{lock_key}",
+                f"{self._prefix}:fence:{lock_key}",
+                f"{self._prefix}:deliveries:{task_id}:{attempt + 1}",
+            ]
         return keys
 
     def _call(self, what: str, fn: Any, keys: list[str], args: list[Any]) -> Any:
