@@ -96,13 +96,20 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 SETTING_NAMES = tuple(f"resilience_{name}" for name in _CONVERTERS)
 
 
-def _lookup(conf: Mapping[str, Any], environ: Mapping[str, str], name: str) -> Any:
-    """Return the raw value of setting ``name``: environment first, then ``conf``."""
+def _source(environ: Mapping[str, str], name: str) -> str:
+    """How an error names setting ``name``: with its environment variable when set there."""
     env_name = f"CELERY_RESILIENCE_{name.upper()}"
-    source = f"resilience_{name}"
+    if env_name in environ:
+        return f"resilience_{name} (from environment variable {env_name})"
+    return f"resilience_{name}"
+
+
+def _lookup(conf: Mapping[str, Any], environ: Mapping[str, str], name: str) -> Any:
+    """Return the converted value of setting ``name``: environment first, then ``conf``."""
+    env_name = f"CELERY_RESILIENCE_{name.upper()}"
+    source = _source(environ, name)
     if env_name in environ:
         raw: Any = environ[env_name]
-        source = f"{source} (from environment variable {env_name})"
     else:
         raw = conf.get(f"resilience_{name}")
         if raw is None:
@@ -136,7 +143,7 @@ def load_settings(conf: Mapping[str, Any], environ: Mapping[str, str] | None = N
         values["url"] = (
             first if first.lower().startswith(("redis://", "rediss://")) else "memory://"
         )
-    url_scheme(values["url"], "resilience_url")
+    url_scheme(values["url"], _source(env, "url"))
     values.setdefault("dlq_url", values["url"])
-    url_scheme(values["dlq_url"], "resilience_dlq_url")
+    url_scheme(values["dlq_url"], _source(env, "dlq_url"))
     return Settings(url_is_default=url_is_default, **values)

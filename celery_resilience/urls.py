@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlsplit
 
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_resilience.errors import ConfigurationError
 
-_USERINFO = re.compile(r"(?P<head>://[^:/@]*):[^@/]*@")
-
 
 def mask_url(url: str) -> str:
     """Return ``url`` with its password replaced by ``**``, as Celery prints broker URLs.
 
-    A URL too malformed for kombu to parse is masked by pattern instead.
+    Also masks a password with unescaped ``/``, ``?``, ``#`` or ``@`` that URL parsers
+    mistake for the path or port: everything before the last ``@`` is user info.
     """
-    try:
-        return str(maybe_sanitize_url(url))
-    except ValueError:
-        return _USERINFO.sub(r"\g<head>:**@", url)
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[:end]:
+        try:
+            return str(maybe_sanitize_url(url))
+        except ValueError:
+            pass
+    userinfo, _, hostpart = rest.rpartition("@")
+    if ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:**@{hostpart}"
 
 
 def url_scheme(url: str, setting: str) -> str:
     """Return the scheme of ``url``, or raise :class:`ConfigurationError` naming ``setting``.
 
     A URL must have the form ``scheme://...``; the scheme is returned lower-cased.
+    The error never repeats the parser's message, which can quote the password.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
@@ -36,9 +44,11 @@ def url_scheme(url: str, setting: str) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
+    except ValueError:
         raise ConfigurationError(
-            f"setting {setting}={mask_url(url)!r}: malformed URL ({exc})"
+            f"setting {setting}={mask_url(url)!r}: malformed URL: expected "
+            "scheme://[user:password@]host[:port][/db], with a numeric port and "
+            "/ ? # @ in the password percent-encoded"
         ) from None
     if not parts.scheme:
         raise ConfigurationError(

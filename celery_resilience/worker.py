@@ -30,7 +30,9 @@ class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
             rt.backend.ping()
         except ResilienceError as exc:
             logger.critical("celery-resilience: %s", exc)
-            raise
+            # WorkController.start() turns SystemExit into a plain exit with this
+            # code; any other exception would add "Unrecoverable error" and a traceback.
+            raise SystemExit(1) from exc
         settings = rt.settings
         if settings.url.lower().startswith("memory://"):
             logger.warning(

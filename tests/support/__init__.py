@@ -1,0 +1,1 @@
+"""Helpers for the test suite: real servers, certificates and tiny Celery apps."""
