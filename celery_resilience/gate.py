@@ -277,6 +277,26 @@ class Gate:
         self.__wrapped__ = body
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.task.request.called_directly:
+        task = self.task
+        if not task.request.called_directly:
+            return Delivery(self, runtime(task.app), args, kwargs).run()
+        traced = _traced_request(task)
+        if traced is None:
             return self.body(*args, **kwargs)
-        return Delivery(self, runtime(self.task.app), args, kwargs).run()
+        # Celery < 5.5 in eager mode: a base class whose __call__ calls super()
+        # pushes a fresh, empty request over the traced one (5.5 copies it).
+        # Put the traced request back on top so the gate, Task.retry() and the
+        # body all see the delivery.
+        task.push_request(**traced.__dict__)
+        try:
+            return Delivery(self, runtime(task.app), args, kwargs).run()
+        finally:
+            task.pop_request()
+
+
+def _traced_request(task: Any) -> Any:
+    """Return the request of the delivery beneath a direct-call frame, or None."""
+    for request in reversed(task.request_stack.stack[:-1]):
+        if not request.called_directly:
+            return request
+    return None
