@@ -144,7 +144,47 @@ def test_lost_deliveries_carry_over_when_the_redelivery_is_contended(
     time.sleep(0.3)  # the dead holder's lease expires; the retry (attempt 1) runs
     retry = admit(backend, tid, attempt=1, owner="d3", lock_key=key, lease_ttl=0.2)
     assert retry.admission is Admission.ADMITTED
-    assert retry.deliveries == 2
+    assert (retry.deliveries, retry.lost, retry.crashes) == (1, 1, 1)
+
+
+def test_carried_losses_spend_the_budget_of_a_locked_poison_task(
+    backend: CoordinationBackend,
+) -> None:
+    """Crash, contended redelivery, retry, crash: max_crashes=2 stops the second redelivery."""
+    key = f"k-{new_id()}"
+    tid = new_id()
+    seen = []
+    for attempt in range(2):
+        for owner in ("run", "redelivery"):
+            result = admit(
+                backend,
+                tid,
+                attempt,
+                owner=f"{owner}{attempt}",
+                lock_key=key,
+                lease_ttl=0.1,
+                max_crashes=2,
+            )
+            seen.append(result.admission)
+        time.sleep(0.15)  # the dead holder's lease expires
+    assert seen == [
+        Admission.ADMITTED,
+        Admission.LOCK_CONTENDED,
+        Admission.ADMITTED,
+        Admission.CRASH_BUDGET_SPENT,
+    ]
+
+
+def test_finished_body_clears_carried_losses(backend: CoordinationBackend) -> None:
+    """A body that ran to an end (even failing) resets the task's crash history."""
+    key = f"k-{new_id()}"
+    tid = new_id()
+    admit(backend, tid, owner="a", lock_key=key, lease_ttl=0.1)
+    admit(backend, tid, owner="b", lock_key=key, lease_ttl=0.1)
+    time.sleep(0.15)
+    assert admit(backend, tid, attempt=1, owner="c", lock_key=key).lost == 1
+    finish(backend, tid, attempt=1, owner="c", lock_key=key, succeeded=False)
+    assert admit(backend, tid, attempt=2, owner="d", lock_key=key).lost == 0
 
 
 def test_owner_release_frees_the_key_for_the_next_owner(backend: CoordinationBackend) -> None:
@@ -234,3 +274,18 @@ def test_prefix_separates_namespaces(backend_url: str, key_prefix: str) -> None:
     assert admit(b, new_id(), lock_key=key).admission is Admission.ADMITTED
     a.close()
     b.close()
+
+
+def test_fencing_tokens_keep_increasing_after_the_counter_expired(
+    backend: CoordinationBackend,
+) -> None:
+    """The per-key token counter expires with record_ttl; later tokens are still larger."""
+    key = f"k-{new_id()}"
+    tid = new_id()
+    first = admit(backend, tid, owner="a", lock_key=key, record_ttl=0.05)
+    finish(backend, tid, owner="a", lock_key=key, record_ttl=0.05)
+    time.sleep(0.1)
+    second = admit(backend, new_id(), owner="b", lock_key=key, record_ttl=0.05)
+    assert first.fencing_token is not None
+    assert second.fencing_token is not None
+    assert second.fencing_token > first.fencing_token

@@ -25,14 +25,23 @@ class AdmitResult:
     """The answer of :meth:`CoordinationBackend.admit`.
 
     ``deliveries`` counts deliveries of this task id and attempt including this one
-    (0 for a duplicate). ``fencing_token`` is set when a lease was taken.
-    ``lease_remaining`` is, for a contended lease, the seconds until it expires.
+    (0 for a duplicate; more than 1 means earlier ones were lost). ``lost`` counts
+    deliveries lost in earlier attempts whose redelivery ended contended, carried
+    over so that the crash budget spans them. ``fencing_token`` is set when a lease
+    was taken. ``lease_remaining`` is, for a contended lease, the seconds until it
+    expires.
     """
 
     admission: Admission
     deliveries: int = 0
     fencing_token: int | None = None
     lease_remaining: float = 0.0
+    lost: int = 0
+
+    @property
+    def crashes(self) -> int:
+        """Deliveries of this task lost with their worker before this one."""
+        return self.deliveries - 1 + self.lost
 
 
 @runtime_checkable
@@ -64,15 +73,18 @@ class CoordinationBackend(Protocol):
 
         In order: if ``task_id`` has a completion record, return ``DUPLICATE``
         (nothing else changes). Otherwise count the delivery of (``task_id``,
-        ``attempt``), keeping the counter for ``record_ttl``; if the deliveries before
-        this one number ``max_crashes`` or more, return ``CRASH_BUDGET_SPENT``. Then,
-        with a ``lock_key``, take the lease for ``owner`` for ``lease_ttl`` seconds
-        unless another owner holds it: held means ``LOCK_CONTENDED`` with the
-        remaining lease time; the delivery counter of this attempt is removed (this
-        delivery ends in a retry, not a crash) and the deliveries lost before it
-        become the starting count of attempt ``attempt + 1``, so a poison task that
-        also holds a lock still spends its crash budget. A taken lease gets a
-        fencing token strictly greater than every earlier token of ``lock_key``.
+        ``attempt``), keeping the counter for ``record_ttl``; if the lost deliveries
+        (:attr:`AdmitResult.crashes`) number ``max_crashes`` or more, return
+        ``CRASH_BUDGET_SPENT``. Then, with a ``lock_key``, take the lease for
+        ``owner`` for ``lease_ttl`` seconds unless another owner holds it: held
+        means ``LOCK_CONTENDED`` with the remaining lease time; the delivery counter
+        of this attempt is removed (this delivery ends in a retry, not a crash) and
+        the deliveries lost before it are added to the task's carried ``lost``
+        count, so a poison task that also holds a lock still spends its crash
+        budget. A taken lease gets a fencing token strictly greater than every
+        earlier token of ``lock_key``: ``max(previous + 1, server time in µs)``, the
+        previous token being kept ``record_ttl`` seconds after the last acquisition
+        (past that, the clock alone keeps tokens increasing).
         """
         ...
 
@@ -88,7 +100,8 @@ class CoordinationBackend(Protocol):
     ) -> bool:
         """Close a delivery that ran its body, atomically.
 
-        Removes the delivery counter of (``task_id``, ``attempt``), releases
+        Removes the delivery counter of (``task_id``, ``attempt``) and the carried
+        ``lost`` count (the body ran to an end, so the task does not kill workers), releases
         ``lock_key`` only if ``owner`` still holds it, and when ``succeeded`` writes
         the completion record of ``task_id`` for ``record_ttl`` seconds. Returns True
         when the lease was released by this call, False when there was no lease or

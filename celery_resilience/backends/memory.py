@@ -69,8 +69,9 @@ class MemoryCoordinationBackend:
         self._prefix = key_prefix
         self._store = _store_for(url)
 
-    def _keys(self, task_id: str, attempt: int) -> tuple[str, str]:
-        return f"{self._prefix}:done:{task_id}", f"{self._prefix}:deliveries:{task_id}:{attempt}"
+    def _keys(self, task_id: str, attempt: int) -> tuple[str, str, str]:
+        p = self._prefix
+        return f"{p}:done:{task_id}", f"{p}:deliveries:{task_id}:{attempt}", f"{p}:lost:{task_id}"
 
     def _lock_keys(self, lock_key: str) -> tuple[str, str]:
         return f"{self._prefix}:lock:{lock_key}", f"{self._prefix}:fence:{lock_key}"
@@ -86,7 +87,7 @@ class MemoryCoordinationBackend:
         max_crashes: int,
         record_ttl: float,
     ) -> AdmitResult:
-        done, deliveries_key = self._keys(task_id, attempt)
+        done, deliveries_key, lost_key = self._keys(task_id, attempt)
         store = self._store
         with store.lock:
             now = time.monotonic()
@@ -94,23 +95,26 @@ class MemoryCoordinationBackend:
                 return AdmitResult(Admission.DUPLICATE)
             deliveries = (store.get(deliveries_key, now) or 0) + 1
             store.set(deliveries_key, deliveries, record_ttl, now)
-            if deliveries - 1 >= max_crashes:
-                return AdmitResult(Admission.CRASH_BUDGET_SPENT, deliveries)
+            lost = store.get(lost_key, now) or 0
+            if deliveries - 1 + lost >= max_crashes:
+                return AdmitResult(Admission.CRASH_BUDGET_SPENT, deliveries, lost=lost)
             if lock_key is None:
-                return AdmitResult(Admission.ADMITTED, deliveries)
+                return AdmitResult(Admission.ADMITTED, deliveries, lost=lost)
             lease, fence = self._lock_keys(lock_key)
             if store.get(lease, now) is not None:
                 del store.data[deliveries_key]
                 if deliveries > 1:
-                    following = self._keys(task_id, attempt + 1)[1]
-                    store.set(following, deliveries - 1, record_ttl, now)
+                    store.set(lost_key, lost + deliveries - 1, record_ttl, now)
                 return AdmitResult(
-                    Admission.LOCK_CONTENDED, deliveries, lease_remaining=store.ttl(lease, now)
+                    Admission.LOCK_CONTENDED,
+                    deliveries,
+                    lease_remaining=store.ttl(lease, now),
+                    lost=lost,
                 )
             store.set(lease, owner, lease_ttl, now)
             token = fence_token(store.get(fence, now) or 0, time.time_ns() // 1000)
-            store.set(fence, token, None, now)
-            return AdmitResult(Admission.ADMITTED, deliveries, fencing_token=token)
+            store.set(fence, token, record_ttl, now)
+            return AdmitResult(Admission.ADMITTED, deliveries, fencing_token=token, lost=lost)
 
     def finish(
         self,
@@ -122,13 +126,14 @@ class MemoryCoordinationBackend:
         succeeded: bool,
         record_ttl: float,
     ) -> bool:
-        done, deliveries_key = self._keys(task_id, attempt)
+        done, deliveries_key, lost_key = self._keys(task_id, attempt)
         store = self._store
         with store.lock:
             now = time.monotonic()
             if succeeded:
                 store.set(done, 1, record_ttl, now)
             store.data.pop(deliveries_key, None)
+            store.data.pop(lost_key, None)
             if lock_key is None:
                 return False
             lease = self._lock_keys(lock_key)[0]

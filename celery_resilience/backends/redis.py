@@ -17,51 +17,52 @@ from celery_resilience.urls import mask_url
 if TYPE_CHECKING:
     import redis
 
-# KEYS: 1 completion record, 2 delivery counter,
-#       [3 lease, 4 fencing counter, 5 delivery counter of the next attempt]
+# KEYS: 1 completion record, 2 delivery counter of this attempt, 3 lost deliveries
+#       carried from earlier attempts, [4 lease, 5 fencing counter]
 # ARGV: 1 owner, 2 lease ttl ms, 3 max crashes, 4 record ttl ms
-# Returns {status, deliveries, fencing token, lease ms left}; status 0 admitted,
+# Returns {status, deliveries, fencing token, lease ms left, lost}; status 0 admitted,
 # 1 duplicate, 2 crash budget spent, 3 lock contended.
 ADMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {1, 0, 0, 0}
+  return {1, 0, 0, 0, 0}
 end
 local deliveries = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-if deliveries - 1 >= tonumber(ARGV[3]) then
-  return {2, deliveries, 0, 0}
+local lost = tonumber(redis.call('GET', KEYS[3]) or '0')
+if deliveries - 1 + lost >= tonumber(ARGV[3]) then
+  return {2, deliveries, 0, 0, lost}
 end
-if #KEYS < 3 then
-  return {0, deliveries, 0, 0}
+if #KEYS < 4 then
+  return {0, deliveries, 0, 0, lost}
 end
-if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  -- This delivery ends in a retry, not a crash; the lost ones before it carry
-  -- over to the next attempt so a poison task with a lock still spends its budget.
+if not redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  -- This delivery ends in a retry, not a crash; the lost ones before it are
+  -- carried over so a poison task with a lock still spends its budget.
   redis.call('DEL', KEYS[2])
   if deliveries > 1 then
-    redis.call('SET', KEYS[5], deliveries - 1, 'PX', ARGV[4])
+    redis.call('SET', KEYS[3], lost + deliveries - 1, 'PX', ARGV[4])
   end
-  return {3, deliveries, 0, redis.call('PTTL', KEYS[3])}
+  return {3, deliveries, 0, redis.call('PTTL', KEYS[4]), lost}
 end
 -- token = max(previous + 1, server time in microseconds): increasing even after
--- the counter of an idle key expired.
+-- the counter of a key idle for the record ttl expired.
 local now = redis.call('TIME')
-local token = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1,
+local token = math.max(tonumber(redis.call('GET', KEYS[5]) or '0') + 1,
                        tonumber(now[1]) * 1000000 + tonumber(now[2]))
-redis.call('SET', KEYS[4], string.format('%.0f', token))
-return {0, deliveries, token, 0}
+redis.call('SET', KEYS[5], string.format('%.0f', token), 'PX', ARGV[4])
+return {0, deliveries, token, 0, lost}
 """
 
-# KEYS: 1 completion record, 2 delivery counter, [3 lease]
+# KEYS: 1 completion record, 2 delivery counter, 3 lost deliveries, [4 lease]
 # ARGV: 1 owner, 2 "1" when the body succeeded, 3 record ttl ms
 # Returns 1 when this call released the lease, else 0.
 FINISH = """
 if ARGV[2] == '1' then
   redis.call('SET', KEYS[1], '1', 'PX', ARGV[3])
 end
-redis.call('DEL', KEYS[2])
-if #KEYS >= 3 and redis.call('GET', KEYS[3]) == ARGV[1] then
-  redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3])
+if #KEYS >= 4 and redis.call('GET', KEYS[4]) == ARGV[1] then
+  redis.call('DEL', KEYS[4])
   return 1
 end
 return 0
@@ -121,13 +122,10 @@ class RedisCoordinationBackend:
         self._renew = self._client.register_script(RENEW)
 
     def _keys(self, task_id: str, attempt: int, lock_key: str | None) -> list[str]:
-        keys = [f"{self._prefix}:done:{task_id}", f"{self._prefix}:deliveries:{task_id}:{attempt}"]
+        p = self._prefix
+        keys = [f"{p}:done:{task_id}", f"{p}:deliveries:{task_id}:{attempt}", f"{p}:lost:{task_id}"]
         if lock_key is not None:
-            keys += [
-                f"{self._prefix}:lock:{lock_key}",
-                f"{self._prefix}:fence:{lock_key}",
-                f"{self._prefix}:deliveries:{task_id}:{attempt + 1}",
-            ]
+            keys += [f"{p}:lock:{lock_key}", f"{p}:fence:{lock_key}"]
         return keys
 
     def _call(self, what: str, fn: Any, keys: list[str], args: list[Any]) -> Any:
@@ -153,12 +151,13 @@ class RedisCoordinationBackend:
     ) -> AdmitResult:
         keys = self._keys(task_id, attempt, lock_key)
         args = [owner, _ms(lease_ttl), max_crashes, _ms(record_ttl)]
-        status, deliveries, token, left_ms = self._call("admit", self._admit, keys, args)
+        status, deliveries, token, left_ms, lost = self._call("admit", self._admit, keys, args)
         return AdmitResult(
             _STATUS[int(status)],
             int(deliveries),
             fencing_token=int(token) if int(status) == 0 and lock_key is not None else None,
             lease_remaining=max(0, int(left_ms)) / 1000.0,
+            lost=int(lost),
         )
 
     def finish(
@@ -171,7 +170,7 @@ class RedisCoordinationBackend:
         succeeded: bool,
         record_ttl: float,
     ) -> bool:
-        keys = self._keys(task_id, attempt, lock_key)[:3]
+        keys = self._keys(task_id, attempt, lock_key)[:4]
         args = [owner, "1" if succeeded else "0", _ms(record_ttl)]
         return bool(self._call("finish", self._finish, keys, args))
 
