@@ -171,6 +171,20 @@ def make_resilient(task: Any, options: ResilientOptions) -> None:
     cls.reject_on_worker_lost = True
     if options.max_retries is not None:
         cls.max_retries = options.max_retries
-    cls.run = staticmethod(Gate(task, options, body))
+    gate = Gate(task, options, body)
+    cls.run = staticmethod(gate)
+    cls.after_return = _after_return(gate, cls.after_return)
     cls.__resilience__ = options
     install(task.app, validate=False)
+
+
+def _after_return(gate: Gate, inner: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap the task class's ``after_return``; Celery calls it after storing the result."""
+
+    def after_return(
+        self: Any, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> Any:
+        gate.after_return(status, task_id)
+        return inner(self, status, retval, task_id, args, kwargs, einfo)
+
+    return after_return

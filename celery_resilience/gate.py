@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, NoReturn
 
+from celery import states
 from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 
 from celery_resilience.attempt import Attempt, _current
@@ -99,9 +100,9 @@ class Delivery:
             self.give_up(
                 "worker_lost",
                 CrashBudgetExceeded(
-                    f"task {self.task.name}[{self.task_id}] attempt {self.attempt} was lost "
-                    f"with its worker {self.deliveries - 1} times (max_crashes="
-                    f"{self.max_crashes}); not running it again"
+                    f"task {self.task.name}[{self.task_id}] was lost with its worker "
+                    f"{admitted.crashes} times (max_crashes={self.max_crashes}); "
+                    "not running it again"
                 ),
             )
         return self.contended(admitted)
@@ -161,7 +162,10 @@ class Delivery:
             raise
         finally:
             _current.reset(token)
-        self.finish(succeeded=True)
+        # Closed by Gate.after_return once Celery has stored the result: a
+        # completion record written earlier would make a worker lost in between
+        # suppress the redelivery and leave the task PENDING for good.
+        self.gate.opened(self)
         return value
 
     def finish(self, *, succeeded: bool) -> None:
@@ -275,6 +279,21 @@ class Gate:
         if options.lock is not None:
             self.lock = LockKey(options.lock, inspect.signature(body))
         self.__wrapped__ = body
+        self._open: dict[str, Delivery] = {}
+
+    def opened(self, delivery: Delivery) -> None:
+        """Keep ``delivery`` until Celery reports its outcome to :meth:`after_return`."""
+        self._open[delivery.task_id] = delivery
+
+    def after_return(self, status: str, task_id: str) -> None:
+        """Close the delivery whose body returned, now that its result is stored.
+
+        ``status`` SUCCESS writes the completion record; any other status (the
+        result could not be stored) only releases the lease and the counters.
+        """
+        delivery = self._open.pop(task_id, None)
+        if delivery is not None:
+            delivery.finish(succeeded=status == states.SUCCESS)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         task = self.task
