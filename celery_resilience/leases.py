@@ -46,6 +46,8 @@ class LeaseKeeper:
         self._leases: dict[int, _Lease] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        # When the renewal thread wakes next (None: it sleeps until notified).
+        self._wakes_at: float | None = None
 
     @contextmanager
     def hold(
@@ -55,16 +57,18 @@ class LeaseKeeper:
         if self._pid != os.getpid():
             self._setup()
         lease_id = next(self._ids)
+        due = time.monotonic() + ttl / 3
         with self._cond:
-            self._leases[lease_id] = _Lease(
-                backend, key, owner, ttl, attempt, time.monotonic() + ttl / 3
-            )
+            self._leases[lease_id] = _Lease(backend, key, owner, ttl, attempt, due)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="celery-resilience-leases", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            # Wake the thread only if it would sleep past this lease's first
+            # renewal: a wake-up per delivery costs more than the gate's own Python.
+            if self._wakes_at is None or due < self._wakes_at:
+                self._cond.notify()
         try:
             yield
         finally:
@@ -78,7 +82,9 @@ class LeaseKeeper:
                 due = [(i, lease) for i, lease in self._leases.items() if lease.due <= now]
                 if not due:
                     nxt = min((lease.due for lease in self._leases.values()), default=None)
+                    self._wakes_at = nxt
                     self._cond.wait(None if nxt is None else nxt - now)
+                    self._wakes_at = None
                     continue
             for lease_id, lease in due:
                 self._renew(lease_id, lease)
