@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 from celery import Celery, Task, chain, group, shared_task
@@ -28,7 +29,7 @@ def app() -> Iterator[Celery]:
 class AuditedTask(Task):  # type: ignore[misc]
     """A custom base class, as users bring their own."""
 
-    audited: list[str] = []
+    audited: ClassVar[list[str]] = []
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         AuditedTask.audited.append(self.name)

@@ -1,0 +1,1 @@
+"""Integration tests: real celery workers against real Redis and RabbitMQ."""

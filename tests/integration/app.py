@@ -1,0 +1,258 @@
+"""The Celery app the integration workers run, and the tests publish with.
+
+A worker runs ``celery -A <this module> worker`` and gets ``app = create_app(os.environ)``;
+the test process calls :func:`create_app` with the same mapping to publish tasks and read
+their results. Everything a run touches in Redis lives under one prefix (``CRT_PREFIX``):
+the broker's keys, the result backend's keys, the coordination keys and the records the
+task bodies write, so parallel runs never meet and cleanup is one pattern.
+
+Task bodies record what happened in Redis (``CRT_RECORD_URL``), never in memory: the
+test process and the worker processes share nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from kombu.utils import json as kombu_json
+
+from celery_resilience import Backoff, current_attempt, get_plugin_manager, hookimpl, resilient
+from celery_resilience.outcome import GiveUp
+
+# Environment variables the workers are configured with.
+BROKER_URL = "CRT_BROKER_URL"
+RESULT_URL = "CRT_RESULT_URL"
+RECORD_URL = "CRT_RECORD_URL"
+RESILIENCE_URL = "CRT_RESILIENCE_URL"
+QUEUE = "CRT_QUEUE"
+PREFIX = "CRT_PREFIX"
+
+_DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
+
+# How long a body that waits for the test's go-ahead waits at most (a bound, so a
+# failed test cannot leave a child blocked for ever).
+RELEASE_WAIT_S = 30
+
+# Short leases and backoff keep the suite fast; they are the values under test.
+LOCK_TTL = 2
+QUICK_BACKOFF = Backoff(base=0.2, cap=1.0, jitter="none")
+
+
+class Records:
+    """Names the Redis keys of one run and gives each process its own client."""
+
+    def __init__(self, prefix: str, url: str) -> None:
+        self.prefix = prefix
+        self.url = url
+        self._client: redis.Redis[str] | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def key(self, tag: str, *parts: object) -> str:
+        """The key of record ``parts`` of the test identified by ``tag``."""
+        return ":".join([self.prefix, "rec", tag, *map(str, parts)])
+
+    def events_key(self, task_id: str) -> str:
+        """The list of observer-hook events seen for ``task_id``."""
+        return f"{self.prefix}:events:{task_id}"
+
+    def client(self) -> redis.Redis[str]:
+        """A client for this process (a forked prefork child makes its own)."""
+        with self._lock:
+            if self._client is None or self._pid != os.getpid():
+                self._client = redis.Redis.from_url(
+                    self.url, decode_responses=True, socket_timeout=RELEASE_WAIT_S + 5
+                )
+                self._pid = os.getpid()
+            return self._client
+
+
+class EventRecorder:
+    """A celery-resilience plugin that appends every observer event to a Redis list."""
+
+    def __init__(self, records: Records) -> None:
+        self.records = records
+
+    def _push(self, task_id: str, event: str) -> None:
+        self.records.client().rpush(self.records.events_key(task_id), event)
+
+    @hookimpl
+    def resilience_retry_scheduled(
+        self, task_name: str, task_id: str, attempt: int, reason: str, countdown: float
+    ) -> None:
+        self._push(task_id, f"retry_scheduled:{reason}")
+
+    @hookimpl
+    def resilience_lock_contended(
+        self, task_name: str, task_id: str, lock_key: str, lease_remaining: float
+    ) -> None:
+        self._push(task_id, "lock_contended")
+
+    @hookimpl
+    def resilience_redelivery_seen(
+        self, task_name: str, task_id: str, attempt: int, deliveries: int
+    ) -> None:
+        self._push(task_id, "redelivery_seen")
+
+    @hookimpl
+    def resilience_crash_budget_spent(
+        self, task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
+    ) -> None:
+        self._push(task_id, "crash_budget_spent")
+
+    @hookimpl
+    def resilience_duplicate_suppressed(self, task_name: str, task_id: str) -> None:
+        self._push(task_id, "duplicate_suppressed")
+
+    @hookimpl
+    def resilience_task_gave_up(self, outcome: GiveUp) -> None:
+        self._push(outcome.task_id, f"gave_up:{outcome.reason}")
+
+
+class DiesWhileStored:
+    """A return value whose first serialization SIGKILLs the process serializing it.
+
+    Simulates a child OOM-killed while Celery stores the task's result: after the body
+    returned, before the result is in the result backend and the message is acked.
+    Later serializations (a re-run) store ``"stored"``.
+    """
+
+    def __init__(self, records: Records, tag: str) -> None:
+        self.records = records
+        self.tag = tag
+
+
+def _encode_dies_while_stored(value: DiesWhileStored) -> str:
+    r = value.records.client()
+    if r.rpush(value.records.key(value.tag, "serializations"), os.getpid()) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "stored"
+
+
+kombu_json.register_type(
+    DiesWhileStored, "crt_dies_while_stored", _encode_dies_while_stored, lambda value: value
+)
+
+
+def create_app(env: Mapping[str, str]) -> Celery:
+    """Build the test app from ``env`` (the worker passes ``os.environ``)."""
+    prefix = env.get(PREFIX, "crtest:unconfigured")
+    broker_url = env.get(BROKER_URL, _DEFAULT_REDIS)
+    result_url = env.get(RESULT_URL, _DEFAULT_REDIS)
+    queue = env.get(QUEUE, f"{prefix}:queue")
+    records = Records(prefix, env.get(RECORD_URL, result_url))
+
+    app = Celery("celery_resilience_integration", set_as_current=False)
+    app.conf.update(
+        broker_url=broker_url,
+        result_backend=result_url,
+        result_backend_transport_options={"global_keyprefix": f"{prefix}:result:"},
+        task_default_queue=queue,
+        worker_prefetch_multiplier=1,
+        worker_enable_remote_control=False,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        resilience_url=env.get(RESILIENCE_URL, result_url),
+        resilience_key_prefix=f"{prefix}:res",
+    )
+    if broker_url.startswith(("redis://", "rediss://")):
+        # Queues, unacked hash and its index under this run's prefix only.
+        app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:broker:"}
+    else:
+        # AMQP heartbeats put a short timer in the worker's event loop; without one the
+        # loop sleeps up to 5 s between wake-ups and notices SIGTERM that late.
+        app.conf.broker_heartbeat = 2
+
+    def register_recorder(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            manager = get_plugin_manager()
+            if not manager.has_plugin("integration-event-recorder"):
+                manager.register(EventRecorder(records), name="integration-event-recorder")
+
+    # Registered in the worker's main process before the pool forks its children.
+    signals.worker_init.connect(register_recorder, weak=False)
+
+    # shared=False everywhere: the test process builds one app per module, and shared
+    # tasks would leak between them.
+
+    @resilient(
+        lock="exclusive:{tag}:{key}",
+        lock_ttl=LOCK_TTL,
+        max_retries=100,
+        backoff=Backoff(base=0.05, cap=0.5, jitter="full"),
+    )
+    @app.task(bind=True, shared=False, name="crt.exclusive")
+    def exclusive(self: Any, tag: str, key: str, n: int) -> int:
+        """Runs a short critical section on ``key``, recording overlaps and fencing tokens."""
+        r = records.client()
+        token = current_attempt().fencing_token
+        active = r.incr(records.key(tag, "active", key))
+        try:
+            if active > 1:
+                r.rpush(records.key(tag, "overlaps"), f"{key} run {n}: {active} bodies at once")
+            r.rpush(records.key(tag, "tokens", key), str(token))
+            r.rpush(records.key(tag, "hosts"), self.request.hostname)
+            # Widen the window in which an overlap would show.
+            time.sleep(0.02)
+        finally:
+            r.decr(records.key(tag, "active", key))
+        r.rpush(records.key(tag, "done"), n)
+        return n
+
+    @resilient(lock="held:{tag}", lock_ttl=LOCK_TTL, max_retries=20, backoff=QUICK_BACKOFF)
+    @app.task(shared=False, name="crt.blocks_until_released")
+    def blocks_until_released(tag: str) -> str:
+        """Records its start, then holds its lock until the test pushes to ``release``."""
+        r = records.client()
+        r.rpush(records.key(tag, "starts"), os.getpid())
+        if r.blpop([records.key(tag, "release")], timeout=RELEASE_WAIT_S) is None:
+            raise TimeoutError(f"{tag}: the test never released this task")
+        r.rpush(records.key(tag, "completions"), os.getpid())
+        return "released"
+
+    @resilient(lock="held:{tag}", max_retries=1, backoff=QUICK_BACKOFF)
+    @app.task(shared=False, name="crt.contends")
+    def contends(tag: str) -> str:
+        """Wants the lock ``blocks_until_released`` holds; records a start if it ever runs."""
+        records.client().rpush(records.key(tag, "contender_starts"), os.getpid())
+        return "ran"
+
+    @resilient(max_crashes=3, max_retries=0)
+    @app.task(shared=False, name="crt.kills_its_worker")
+    def kills_its_worker(tag: str) -> None:
+        """Records its start, then SIGKILLs the process running it (a poison message)."""
+        records.client().rpush(records.key(tag, "starts"), os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @resilient(max_retries=0)
+    @app.task(shared=False, name="crt.killed_while_storing_its_result")
+    def killed_while_storing_its_result(tag: str) -> DiesWhileStored:
+        """Records its start and succeeds; storing its result kills the child once."""
+        records.client().rpush(records.key(tag, "starts"), os.getpid())
+        return DiesWhileStored(records, tag)
+
+    @resilient(max_retries=2, retry_on=(ConnectionError,), backoff=QUICK_BACKOFF)
+    @app.task(shared=False, name="crt.always_fails")
+    def always_fails(tag: str) -> None:
+        """Records its start and raises a retryable error every time."""
+        run = records.client().rpush(records.key(tag, "starts"), os.getpid())
+        raise ConnectionError(f"upstream refused run {run} of {tag}")
+
+    @resilient(lock="doubles:{tag}", lock_ttl=LOCK_TTL, max_retries=50, backoff=QUICK_BACKOFF)
+    @app.task(shared=False, name="crt.doubles")
+    def doubles(tag: str, value: int) -> int:
+        """Records its start and returns ``2 * value``."""
+        records.client().rpush(records.key(tag, "starts"), os.getpid())
+        return 2 * value
+
+    return app
+
+
+app = create_app(os.environ)

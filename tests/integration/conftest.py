@@ -1,0 +1,134 @@
+"""Fixtures of the integration suite: the real services, and worker clusters per module.
+
+Redis (``CELERY_RESILIENCE_TEST_REDIS_URL``) and RabbitMQ
+(``CELERY_RESILIENCE_TEST_AMQP_URL``) that cannot be reached skip the tests that need
+them locally, and fail them when ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import redis
+from kombu.utils.url import maybe_sanitize_url
+
+from .harness import Cluster, RedisServer
+
+REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+AMQP_URL = os.environ.get("CELERY_RESILIENCE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def unavailable(message: str) -> None:
+    """Skip: a missing service is a local inconvenience; under CI it is a failure."""
+    if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
+        pytest.fail(f"{message} (CI=true: integration services must be up)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def integration_redis_url() -> str:
+    """The real Redis used as broker, result backend and coordination backend."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"Redis at {maybe_sanitize_url(REDIS_URL)} is unreachable: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def integration_amqp_url() -> str:
+    """The real RabbitMQ used as the broker of the AMQP variant."""
+    from kombu import Connection
+
+    connection = Connection(AMQP_URL, connect_timeout=3)
+    try:
+        connection.connect()
+    except Exception as exc:  # amqp, socket and auth errors alike
+        unavailable(f"RabbitMQ at {connection.as_uri()} is unreachable: {exc!r}")
+    finally:
+        connection.release()
+    return AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def redis_server_executable() -> str:
+    """The ``redis-server`` binary, for tests that run a Redis they can stop."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        unavailable("redis-server is not installed")
+    assert executable is not None
+    return executable
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(
+    integration_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """Two worker nodes (prefork, concurrency 2) on a Redis broker, shared by a module."""
+    cluster = Cluster(redis_url=integration_redis_url, logdir=tmp_path_factory.mktemp("workers"))
+    try:
+        cluster.start("node1", "node2")
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def amqp_cluster(
+    integration_redis_url: str,
+    integration_amqp_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    """Two worker nodes on a RabbitMQ broker; Redis for results and coordination."""
+    cluster = Cluster(
+        redis_url=integration_redis_url,
+        broker_url=integration_amqp_url,
+        logdir=tmp_path_factory.mktemp("workers"),
+    )
+    try:
+        cluster.start("amqp1", "amqp2")
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def flaky_backend(
+    redis_server_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer]:
+    """A private redis-server on a free port, used as the coordination backend only."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), redis_server_executable)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def flaky_backend_cluster(
+    integration_redis_url: str,
+    flaky_backend: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    """One worker node whose coordination backend is ``flaky_backend``.
+
+    Broker and result backend stay on the main Redis, so the task and its records
+    survive the coordination backend going away.
+    """
+    cluster = Cluster(
+        redis_url=integration_redis_url,
+        resilience_url=flaky_backend.url,
+        logdir=tmp_path_factory.mktemp("workers"),
+    )
+    try:
+        cluster.start("flaky1")
+        yield cluster
+    finally:
+        cluster.close()

@@ -1,0 +1,423 @@
+"""Real processes for the integration tests: celery workers, a private redis-server.
+
+Nothing here mocks anything: workers are ``celery -A tests.integration.app worker``
+subprocesses (prefork pool) in their own session, so a test can SIGKILL a pool child
+and teardown can kill the whole process group. Every wait is bounded and fails with
+the worker logs attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from . import app as app_module
+from .app import Records, create_app
+
+T = TypeVar("T")
+
+# Bounds, not expectations: a healthy run is far below each of them.
+READY_TIMEOUT_S = 30.0
+WAIT_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+_POLL_S = 0.05
+_LOG_TAIL_LINES = 80
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    what: str,
+    diagnostics: Callable[[], str],
+    timeout: float = WAIT_TIMEOUT_S,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail with diagnostics if never."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}\n{diagnostics()}")
+        time.sleep(_POLL_S)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def delete_keys(client: redis.Redis[Any], pattern: str) -> None:
+    """Delete every key matching ``pattern`` (SCAN + DEL, never FLUSHDB)."""
+    batch: list[Any] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            client.delete(*batch)
+            batch.clear()
+    if batch:
+        client.delete(*batch)
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log file)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+class Worker:
+    """One ``celery worker`` node (prefork, concurrency 2) in its own process group."""
+
+    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.log = logdir / f"{name}.log"
+        self.output = logdir / f"{name}.out"
+        module = app_module.__name__
+        # The directory the app's top-level package is imported from.
+        root = Path(app_module.__file__).resolve().parents[module.count(".")]
+        env = dict(env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            module,
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "2",
+            "-n",
+            f"{name}@%h",
+            "-Q",
+            env[app_module.QUEUE],
+            "-l",
+            "INFO",
+            "-f",
+            str(self.log),
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        with self.output.open("wb") as out:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                cwd=root,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def is_ready(self) -> bool:
+        if self.process.poll() is not None:
+            pytest.fail(
+                f"worker {self.name} exited with {self.process.returncode} before it was "
+                f"ready\n{self.report()}"
+            )
+        try:
+            return " ready." in self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), bounded; then SIGKILL the whole group, children too."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(STOP_TIMEOUT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(STOP_TIMEOUT_S)
+
+    def report(self) -> str:
+        return (
+            f"--- worker {self.name} log ({self.log}) ---\n{_tail(self.log)}\n"
+            f"--- worker {self.name} stdout/stderr ---\n{_tail(self.output, 30)}"
+        )
+
+
+class Cluster:
+    """Worker nodes sharing one queue and one Redis prefix, and a client app to publish."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str,
+        logdir: Path,
+        broker_url: str | None = None,
+        resilience_url: str | None = None,
+    ) -> None:
+        self.run_id = uuid.uuid4().hex[:12]
+        self.prefix = f"crtest:{self.run_id}"
+        self.redis_url = redis_url
+        self.broker_url = broker_url or redis_url
+        self.queue = f"crtest.{self.run_id}"
+        self.logdir = logdir
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            # A CELERY_RESILIENCE_* setting in the caller's environment would override
+            # the app's and break isolation; CELERY_RESILIENCE_TEST_* are ours.
+            if not name.startswith("CELERY_RESILIENCE_")
+            or name.startswith("CELERY_RESILIENCE_TEST_")
+        }
+        self.env = {
+            **inherited,
+            app_module.PREFIX: self.prefix,
+            app_module.BROKER_URL: self.broker_url,
+            app_module.RESULT_URL: redis_url,
+            app_module.RECORD_URL: redis_url,
+            app_module.RESILIENCE_URL: resilience_url or redis_url,
+            app_module.QUEUE: self.queue,
+        }
+        self.app: Celery = create_app(self.env)
+        self.records = Records(self.prefix, redis_url)
+        self.redis = self.records.client()
+        self.workers: list[Worker] = []
+
+    # -- processes -------------------------------------------------------
+
+    def start(self, *names: str) -> list[Worker]:
+        """Start worker nodes ``names`` together and wait until each logs ``ready.``."""
+        started = [Worker(f"{name}-{self.run_id}", self.env, self.logdir) for name in names]
+        self.workers += started
+        for worker in started:
+            wait_until(
+                worker.is_ready, f"worker {worker.name} to be ready", self.report, READY_TIMEOUT_S
+            )
+        return started
+
+    def close(self) -> None:
+        """Stop every worker, delete every key of this run, close the clients."""
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop()
+        delete_keys(self.redis, f"{self.prefix}:*")
+        self.redis.close()
+        if not self.broker_url.startswith(("redis://", "rediss://")):
+            # An AMQP broker keeps the queue (and its exchange) after the workers left.
+            with self.app.connection_for_write() as connection:
+                channel = connection.default_channel
+                channel.queue_delete(self.queue)
+                channel.exchange_delete(self.queue)
+        self.app.close()
+
+    # -- what happened ---------------------------------------------------
+
+    def send(self, task_name: str, *args: Any, **options: Any) -> AsyncResult:
+        """Publish ``task_name`` through its task object, as a user would."""
+        task = self.app.tasks[task_name]
+        result: AsyncResult = task.apply_async(args, **options)
+        return result
+
+    def result(self, task_id: str) -> AsyncResult:
+        return self.app.AsyncResult(task_id)
+
+    def tag(self) -> str:
+        """A fresh namespace for one test's records and lock keys."""
+        return uuid.uuid4().hex[:10]
+
+    def records_of(self, tag: str, *parts: object) -> list[str]:
+        """The list a task body of test ``tag`` recorded under ``parts``, in order."""
+        return self.redis.lrange(self.records.key(tag, *parts), 0, -1)
+
+    def starts(self, tag: str) -> list[str]:
+        """The pids that started the body of the test ``tag``'s task, in order."""
+        return self.records_of(tag, "starts")
+
+    def wait_for_starts(self, tag: str, count: int, *results: AsyncResult) -> list[str]:
+        """Wait until the body of test ``tag`` started at least ``count`` times."""
+        return wait_until(
+            lambda: starts if len(starts := self.starts(tag)) >= count else None,
+            f"{count} body start(s) of {tag}",
+            lambda: self.report(*results),
+        )
+
+    def release(self, tag: str) -> None:
+        """Let one ``crt.blocks_until_released`` body of test ``tag`` finish."""
+        self.redis.rpush(self.records.key(tag, "release"), "go")
+
+    def wait_until_settled(self, result: AsyncResult) -> None:
+        """Wait until the broker no longer holds any message of ``result`` (acked)."""
+        wait_until(
+            lambda: not self.broker_holds(result.id),
+            f"the broker to drop every message of {result.id}",
+            lambda: self.report(result),
+        )
+
+    def wait_until_event(self, result: AsyncResult, event: str, count: int = 1) -> list[str]:
+        """Wait until ``event`` was seen ``count`` times for ``result``; return all its events."""
+        return wait_until(
+            lambda: events if (events := self.events(result.id)).count(event) >= count else None,
+            f"{count} x {event!r} for {result.id}",
+            lambda: self.report(result),
+        )
+
+    def events(self, task_id: str) -> list[str]:
+        """The celery-resilience observer events seen for ``task_id``, in order."""
+        return self.redis.lrange(self.records.events_key(task_id), 0, -1)
+
+    def broker_holds(self, task_id: str) -> bool:
+        """Whether the Redis broker still has a message of ``task_id`` (queued or unacked).
+
+        A message a worker just popped is in neither place for an instant, so this is
+        only meaningful once the task reached its outcome and nothing is in flight.
+        """
+        broker = f"{self.prefix}:broker:"
+        needle = json.dumps(task_id)
+        with self.redis.pipeline(transaction=True) as pipe:  # one snapshot of both
+            pipe.lrange(f"{broker}{self.queue}", 0, -1)
+            pipe.hvals(f"{broker}unacked")
+            queued, unacked = pipe.execute()
+        return any(needle in message for message in [*queued, *unacked])
+
+    def wait_for_state(self, result: AsyncResult, states: Iterable[str], what: str) -> str:
+        wanted = set(states)
+        return wait_until(
+            lambda: result.state if result.state in wanted else None,
+            f"{what} to reach {'/'.join(sorted(wanted))}",
+            lambda: self.report(result),
+        )
+
+    def report(self, *results: AsyncResult) -> str:
+        """What a person debugging a failure needs: task states, events, worker logs."""
+        parts = [f"run {self.prefix}, queue {self.queue}, broker {self.broker_url}"]
+        for result in results:
+            parts.append(
+                f"task {result.id}: state={result.state} result={result.result!r} "
+                f"events={self.events(result.id)}"
+            )
+        parts += [worker.report() for worker in self.workers]
+        return "\n".join(parts)
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port that a test can stop and restart."""
+
+    def __init__(self, logdir: Path, executable: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.executable = executable
+        self.log = logdir / f"redis-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(self.log),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_until(self.answers, f"redis-server on port {self.port}", self.report, READY_TIMEOUT_S)
+
+    def answers(self) -> bool:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT_S)
+        self.process = None
+
+    def report(self) -> str:
+        return f"--- redis-server :{self.port} log ---\n{_tail(self.log, 30)}"
+
+
+def check_lock_exclusion(cluster: Cluster, *, tasks: int, keys: int) -> None:
+    """Run ``tasks`` ``crt.exclusive`` tasks over ``keys`` lock keys and check exclusion.
+
+    Every task must succeed exactly once, no two bodies on one key may overlap, the
+    fencing tokens of each key must strictly increase in the order its bodies ran, and
+    every worker node of the cluster must have run some of them.
+    """
+    tag = cluster.tag()
+    lock_keys = [f"key{i}" for i in range(keys)]
+    results = [cluster.send("crt.exclusive", tag, lock_keys[n % keys], n) for n in range(tasks)]
+    done_key = cluster.records.key(tag, "done")
+
+    def report() -> str:
+        unfinished = [r for r in results if r.state != "SUCCESS"]
+        return f"{len(unfinished)} of {tasks} tasks not SUCCESS\n" + cluster.report(*unfinished[:5])
+
+    wait_until(
+        lambda: cluster.redis.llen(done_key) >= tasks or any(r.state == "FAILURE" for r in results),
+        f"{tasks} exclusive tasks to complete",
+        report,
+    )
+
+    def final_states() -> list[str] | None:
+        states = [r.state for r in results]
+        return states if set(states) <= {"SUCCESS", "FAILURE"} else None
+
+    states = wait_until(final_states, "every result to be stored", report)
+    assert states == ["SUCCESS"] * tasks, report()
+    assert [r.result for r in results] == list(range(tasks)), report()
+    assert sorted(map(int, cluster.records_of(tag, "done"))) == list(range(tasks)), report()
+
+    overlaps = cluster.records_of(tag, "overlaps")
+    assert overlaps == [], f"bodies overlapped on a lock key: {overlaps}\n{report()}"
+
+    for index, key in enumerate(lock_keys):
+        tokens = [int(t) for t in cluster.records_of(tag, "tokens", key)]
+        runs_expected = len(range(index, tasks, keys))
+        assert len(tokens) == runs_expected, (
+            f"{key}: {len(tokens)} bodies ran for {runs_expected} tasks\n{report()}"
+        )
+        decreasing = [(a, b) for a, b in itertools.pairwise(tokens) if not a < b]
+        assert decreasing == [], (
+            f"{key}: fencing tokens not strictly increasing in run order: {decreasing}"
+        )
+
+    nodes = {host.split("@")[0] for host in cluster.records_of(tag, "hosts")}
+    assert nodes == {w.name for w in cluster.workers}, (
+        f"expected every node to run tasks, ran on {nodes}\n{report()}"
+    )

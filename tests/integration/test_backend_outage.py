@@ -1,0 +1,38 @@
+"""The coordination backend (a private redis-server) going away under a running worker.
+
+Broker and result backend stay on the main Redis; only ``resilience_url`` points at the
+Redis this module stops and restarts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .harness import Cluster, RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_task_never_runs_unguarded_while_the_coordination_backend_is_down(
+    flaky_backend_cluster: Cluster, flaky_backend: RedisServer
+) -> None:
+    """Coordination Redis down: the body does not run; back up: the task runs once and succeeds."""
+    cluster, tag = flaky_backend_cluster, flaky_backend_cluster.tag()
+    flaky_backend.stop()
+    try:
+        result = cluster.send("crt.doubles", tag, 21)
+        # Two refused admissions in a row: the task is kept (retried), not run, not lost.
+        events = cluster.wait_until_event(result, "retry_scheduled:backend_unavailable", count=2)
+        cluster.wait_for_state(result, {"RETRY"}, "the task waiting for its backend")
+        report = cluster.report(result) + "\n" + flaky_backend.report()
+        assert cluster.starts(tag) == [], f"body ran without its coordination backend\n{report}"
+        assert not any(e.startswith("gave_up") for e in events), report
+    finally:
+        flaky_backend.start()
+
+    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the task after the outage")
+    cluster.wait_until_settled(result)
+    report = cluster.report(result)
+    assert state == "SUCCESS", report
+    assert result.result == 42, report
+    assert len(cluster.starts(tag)) == 1, report

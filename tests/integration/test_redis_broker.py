@@ -1,0 +1,208 @@
+"""Real workers on a Redis broker: exclusion, crashes, redeliveries, retries, contention.
+
+The two worker nodes start once for the module; each test works under its own tag
+(records and lock keys), so the tests do not see each other's tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from celery_resilience import CrashBudgetExceeded, LockContended
+
+from .app import LOCK_TTL
+from .harness import Cluster, check_lock_exclusion, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_tasks_on_the_same_lock_key_never_overlap_across_two_nodes(redis_cluster: Cluster) -> None:
+    """40 tasks over 3 lock keys on 2 nodes x 2 children all succeed, never overlapping."""
+    check_lock_exclusion(redis_cluster, tasks=40, keys=3)
+
+
+def test_a_child_killed_mid_task_runs_the_task_again_to_one_completion(
+    redis_cluster: Cluster,
+) -> None:
+    """A pool child SIGKILLed mid-task: the task is redelivered, runs again and completes once."""
+    cluster, tag = redis_cluster, redis_cluster.tag()
+    result = cluster.send("crt.blocks_until_released", tag)
+    try:
+        (victim,) = cluster.wait_for_starts(tag, 1, result)
+        os.kill(int(victim), signal.SIGKILL)
+        cluster.wait_for_starts(tag, 2, result)
+    finally:
+        cluster.release(tag)
+    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the killed task")
+    cluster.wait_until_settled(result)
+
+    report = cluster.report(result)
+    assert state == "SUCCESS", report
+    assert result.result == "released", report
+    starts = cluster.starts(tag)
+    assert len(starts) == 2, f"body started {len(starts)} times: {starts}\n{report}"
+    assert starts[0] == victim, report
+    assert starts[1] != victim, report
+    completions = cluster.records_of(tag, "completions")
+    assert completions == [starts[1]], report
+    assert "redelivery_seen" in cluster.events(result.id), report
+
+
+def test_a_task_that_kills_its_worker_every_time_stops_after_the_crash_budget(
+    redis_cluster: Cluster,
+) -> None:
+    """A poison message (SIGKILLs its child) runs max_crashes=3 times, then fails for good."""
+    cluster, tag = redis_cluster, redis_cluster.tag()
+    result = cluster.send("crt.kills_its_worker", tag)
+    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the poison message")
+    cluster.wait_until_settled(result)
+
+    report = cluster.report(result)
+    assert state == "FAILURE", report
+    assert isinstance(result.result, CrashBudgetExceeded), report
+    assert "max_crashes=3" in str(result.result), report
+    starts = cluster.starts(tag)
+    assert len(starts) == 3, f"body started {len(starts)} times: {starts}\n{report}"
+    assert len(set(starts)) == 3, f"each start should be in a fresh child: {starts}"
+    time.sleep(0.5)  # grace period: the message is acked, so nothing may start it again
+    assert len(cluster.starts(tag)) == 3, cluster.report(result)
+    assert cluster.events(result.id)[-2:] == ["crash_budget_spent", "gave_up:worker_lost"], report
+
+
+def test_a_redelivered_copy_of_a_succeeded_task_is_acked_without_running(
+    redis_cluster: Cluster,
+) -> None:
+    """A second message with a succeeded task's id is acked, counted, and the body not run."""
+    cluster, tag = redis_cluster, redis_cluster.tag()
+    first = cluster.send("crt.doubles", tag, 21)
+    assert cluster.wait_for_state(first, {"SUCCESS", "FAILURE"}, "the first run") == "SUCCESS"
+    assert first.result == 42
+
+    copy = cluster.send("crt.doubles", tag, 21, task_id=first.id)
+    assert copy.id == first.id
+    events = cluster.wait_until_event(first, "duplicate_suppressed")
+    cluster.wait_until_settled(first)
+
+    report = cluster.report(first)
+    assert events.count("duplicate_suppressed") == 1, report
+    assert len(cluster.starts(tag)) == 1, report
+    fresh = cluster.result(first.id)
+    assert fresh.state == "SUCCESS", report
+    assert fresh.result == 42, report
+
+
+def test_an_always_failing_task_exhausts_max_retries_and_fails_with_its_own_error(
+    redis_cluster: Cluster,
+) -> None:
+    """retry_on errors every run: max_retries=2 retries (3 runs), then FAILURE with that error."""
+    cluster, tag = redis_cluster, redis_cluster.tag()
+    result = cluster.send("crt.always_fails", tag)
+    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the failing task")
+    cluster.wait_until_settled(result)
+
+    report = cluster.report(result)
+    assert state == "FAILURE", report
+    assert isinstance(result.result, ConnectionError), report
+    assert str(result.result) == f"upstream refused run 3 of {tag}", report
+    assert len(cluster.starts(tag)) == 3, report
+    assert cluster.events(result.id) == [
+        "retry_scheduled:exception",
+        "retry_scheduled:exception",
+        "gave_up:max_retries",
+    ], report
+
+
+def test_lock_contention_across_workers_counts_against_max_retries(
+    redis_cluster: Cluster,
+) -> None:
+    """A task whose lock a running task holds (past its TTL, renewed) retries, then gives up."""
+    cluster, tag = redis_cluster, redis_cluster.tag()
+    holder = cluster.send("crt.blocks_until_released", tag)
+    try:
+        cluster.wait_for_starts(tag, 1, holder)
+        # Let the holder's lease outlive its TTL: only renewal keeps it held now.
+        time.sleep(LOCK_TTL * 1.5)
+        contender = cluster.send("crt.contends", tag)  # same lock key: held:{tag}
+        state = cluster.wait_for_state(contender, {"SUCCESS", "FAILURE"}, "the contender")
+    finally:
+        cluster.release(tag)
+    holder_state = cluster.wait_for_state(holder, {"SUCCESS", "FAILURE"}, "the lock holder")
+
+    report = cluster.report(holder, contender)
+    assert state == "FAILURE", report
+    assert isinstance(contender.result, LockContended), report
+    assert cluster.records_of(tag, "contender_starts") == [], report
+    assert cluster.events(contender.id) == [
+        "lock_contended",
+        "retry_scheduled:lock_contended",
+        "lock_contended",
+        "gave_up:lock_contended",
+    ], report
+    assert holder_state == "SUCCESS", report
+    assert holder.result == "released", report
+    assert len(cluster.starts(tag)) == 1, report
+
+
+def test_a_second_copy_of_a_running_task_waits_for_its_lock_and_counts_as_one_redelivery(
+    redis_cluster: Cluster,
+) -> None:
+    """A copy of a running locked task (as a visibility-timeout redelivery) never runs its body."""
+    cluster, tag = redis_cluster, redis_cluster.tag()
+    original = cluster.send("crt.blocks_until_released", tag)
+    try:
+        cluster.wait_for_starts(tag, 1, original)
+        cluster.send("crt.blocks_until_released", tag, task_id=original.id)
+        # The copy retries on the lock while the original runs; its RETRY state is
+        # stored before the original is released to store SUCCESS.
+        cluster.wait_until_event(original, "retry_scheduled:lock_contended", count=3)
+        cluster.wait_for_state(original, {"RETRY"}, "the copy's retry")
+    finally:
+        cluster.release(tag)
+    events = cluster.wait_until_event(original, "duplicate_suppressed")
+    cluster.wait_until_settled(original)
+
+    report = cluster.report(original)
+    assert len(cluster.starts(tag)) == 1, report
+    assert cluster.result(original.id).result == "released", report
+    # Regression: carried crash counts once made every contended retry of the copy
+    # report itself as a redelivery again.
+    assert events.count("redelivery_seen") == 1, (
+        f"one copy arrived once, counted as {events.count('redelivery_seen')} redeliveries: "
+        f"{events}\n{report}"
+    )
+
+
+def test_a_child_killed_while_storing_the_result_leaves_the_task_with_a_result(
+    redis_cluster: Cluster,
+) -> None:
+    """A child killed after the body returned, before the result was stored: no result lost."""
+    cluster, tag = redis_cluster, redis_cluster.tag()
+    result = cluster.send("crt.killed_while_storing_its_result", tag)
+    serializations = cluster.records.key(tag, "serializations")
+    wait_until(
+        lambda: cluster.redis.llen(serializations) >= 1,
+        "the child to die while storing the result",
+        lambda: cluster.report(result),
+    )
+    # The redelivery either runs the task again (and stores its result) or is
+    # suppressed as a duplicate: wait for whichever happens.
+    wait_until(
+        lambda: (
+            result.state in {"SUCCESS", "FAILURE"}
+            or "duplicate_suppressed" in cluster.events(result.id)
+        ),
+        "the redelivered task to be run or suppressed",
+        lambda: cluster.report(result),
+    )
+    cluster.wait_until_settled(result)
+
+    # Regression: the completion record was once written when the body returned,
+    # before Celery stored the result, so this redelivery was suppressed as a
+    # duplicate and the task stayed PENDING for ever.
+    report = cluster.report(result)
+    assert result.state == "SUCCESS", f"task left {result.state} with nothing queued\n{report}"
+    assert result.result == "stored", report
