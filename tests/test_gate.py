@@ -387,3 +387,26 @@ def test_default_max_retries_comes_from_settings(app: Celery, events: Recorder) 
         fails.delay().get()
     assert len(runs) == 2
     assert fails.max_retries == 1
+
+
+def test_countdown_with_redis_broker_stays_under_half_the_visibility_timeout(
+    backend_url: str, key_prefix: str, events: Recorder
+) -> None:
+    """With a Redis broker a retry never waits longer than visibility_timeout / 2."""
+    app = Celery(f"t{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(
+        task_always_eager=True,
+        broker_url="redis://127.0.0.1:6379/0",
+        broker_transport_options={"visibility_timeout": 10},
+        resilience_url=backend_url,
+        resilience_key_prefix=key_prefix,
+    )
+
+    @resilient(max_retries=1, retry_on=(ValueError,), backoff=Backoff(base=60, jitter="none"))
+    @app.task
+    def slow_retry() -> None:
+        raise ValueError("again")
+
+    with pytest.raises(ValueError, match="again"):
+        slow_retry.delay().get()
+    assert [r["countdown"] for r in events.of("retry_scheduled")] == [5.0]
