@@ -84,7 +84,7 @@ _STATUS = {
 }
 
 
-def connect(url: str, role: str) -> redis.Redis[bytes]:
+def connect(url: str, role: str) -> redis.Redis:
     """Return a client for ``url`` (no connection is made until first use).
 
     ``role`` names the backend role in errors. Timeouts are 5 s so a dead server
