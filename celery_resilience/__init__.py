@@ -10,7 +10,15 @@ from typing import Any
 
 from celery_resilience.attempt import Attempt, current_attempt
 from celery_resilience.backoff import Backoff
+from celery_resilience.deadletter import DeadLetter, MalformedEntry
 from celery_resilience.decorator import resilient
+from celery_resilience.dlq import (
+    DeadLetterQueue,
+    ReplayFailed,
+    ReplayRefused,
+    ReplayReport,
+    UnknownEntry,
+)
 from celery_resilience.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -31,11 +39,18 @@ __all__ = [
     "Backoff",
     "ConfigurationError",
     "CrashBudgetExceeded",
+    "DeadLetter",
+    "DeadLetterQueue",
     "GiveUp",
     "LockContended",
+    "MalformedEntry",
     "MissingExtraError",
     "NoCurrentAttempt",
+    "ReplayFailed",
+    "ReplayRefused",
+    "ReplayReport",
     "ResilienceError",
+    "UnknownEntry",
     "__version__",
     "current_attempt",
     "get_plugin_manager",

@@ -21,6 +21,7 @@ from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 
 from celery_resilience.attempt import Attempt, _current
 from celery_resilience.backends.base import Admission, AdmitResult
+from celery_resilience.deadletter import FIRST_FAILURE_HEADER, REPLAYS_HEADER, make_dead_letter
 from celery_resilience.errors import BackendUnavailable, CrashBudgetExceeded, LockContended
 from celery_resilience.leases import keeper
 from celery_resilience.locks import LockKey
@@ -59,6 +60,9 @@ class Delivery:
         self.owner = f"{request.hostname}/{os.getpid()}/{self.task_id}/{secrets.token_hex(4)}"
         self.lock_key: str | None = None
         self.deliveries = 0
+        self.replays = int(_header(request, REPLAYS_HEADER) or 0)
+        first = _header(request, FIRST_FAILURE_HEADER)
+        self.first_failure: float | None = float(first) if first is not None else None
 
     # -- the steps -------------------------------------------------------
 
@@ -193,8 +197,14 @@ class Delivery:
     def retry(self, reason: str, countdown: float, exc: BaseException) -> NoReturn:
         """Publish the next attempt after ``countdown`` seconds and end this one."""
         countdown = self.rt.cap_countdown(countdown)
+        history = {
+            REPLAYS_HEADER: self.replays,
+            FIRST_FAILURE_HEADER: self.first_failure or time.time(),
+        }
         try:
-            self.task.retry(exc=exc, countdown=countdown, max_retries=self.max_retries)
+            self.task.retry(
+                exc=exc, countdown=countdown, max_retries=self.max_retries, headers=history
+            )
         except Retry:
             self.emit_retry(reason, countdown)
             raise
@@ -212,7 +222,11 @@ class Delivery:
         raise AssertionError("Task.retry() returned instead of raising")  # pragma: no cover
 
     def give_up(self, reason: str, exc: BaseException) -> NoReturn:
-        """End the task for good: tell the plugins, then fail with ``exc``."""
+        """End the task for good: keep it in the DLQ, tell the plugins, fail with ``exc``.
+
+        The dead letter is stored before the message is acked; if it cannot be, the
+        message is requeued instead (nothing is lost between "gave up" and "stored").
+        """
         request = self.task.request
         outcome = GiveUp(
             task_name=self.task.name,
@@ -227,8 +241,36 @@ class Delivery:
             hostname=request.hostname,
             delivery_info=dict(request.delivery_info or {}),
         )
+        if self.options.dlq:
+            self.store_dead_letter(outcome)
         notify(self.rt.plugins, "resilience_task_gave_up", outcome=outcome)
         raise exc
+
+    def store_dead_letter(self, outcome: GiveUp) -> None:
+        settings = self.rt.settings
+        try:
+            entry = make_dead_letter(
+                outcome, self.task, replays=self.replays, first_failure_at=self.first_failure
+            )
+            stored = self.rt.dlq.store(
+                entry, retention=settings.dlq_retention, max_entries=settings.dlq_max_entries
+            )
+        except Exception as error:
+            if self.task.request.is_eager:
+                raise
+            logger.error(
+                "celery-resilience: task %s[%s] gave up (%s) but its dead letter could not "
+                "be stored, so the message is requeued: %s",
+                self.task.name,
+                self.task_id,
+                outcome.reason,
+                error,
+            )
+            time.sleep(_REQUEUE_PAUSE)
+            raise Reject(error, requeue=True) from error
+        notify(
+            self.rt.plugins, "resilience_dead_letter_stored", entry=entry, trimmed=stored.trimmed
+        )
 
     def backend_down(self, exc: BackendUnavailable) -> NoReturn:
         """Never run unguarded: retry later, or requeue once retries are spent."""
@@ -247,6 +289,15 @@ class Delivery:
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         notify(self.rt.plugins, hook, task_name=self.task.name, task_id=self.task_id, **kwargs)
+
+
+def _header(request: Any, name: str) -> Any:
+    """A custom message header: Celery merges them into the request in a worker and
+    keeps them under ``request.headers`` in eager mode."""
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
 
 
 def _countdown(retry: Retry) -> float:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from celery_resilience.backends.base import CoordinationBackend
+    from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
+    from celery_resilience.deadletter import DeadLetter
     from celery_resilience.outcome import GiveUp
     from celery_resilience.settings import Settings
 
@@ -34,6 +35,20 @@ def resilience_coordination_backend(url: str, settings: Settings) -> Coordinatio
 
     :param url: the ``resilience_url`` setting, password included.
     :param settings: all validated settings (``key_prefix`` namespaces your keys).
+    """
+
+
+@hookspec(firstresult=True)
+def resilience_dlq_backend(url: str, settings: Settings) -> DeadLetterBackend | None:
+    """Build the dead-letter queue backend for ``url``.
+
+    Called once per process on the first dead letter, at worker start, and by
+    ``DeadLetterQueue`` and the CLI. Return ``None`` when ``url``'s scheme is not
+    yours; the first non-``None`` result is used. Built in: ``memory://``,
+    ``redis://``, ``rediss://``.
+
+    :param url: the ``resilience_dlq_url`` setting (``resilience_url`` when unset).
+    :param settings: all validated settings.
     """
 
 
@@ -92,3 +107,31 @@ def resilience_task_gave_up(outcome: GiveUp) -> None:
     ``error``, ``worker_lost`` or ``lock_contended``; ``outcome`` carries what a
     replay needs (arguments, routing) and what a person needs (exception, traceback).
     """
+
+
+@hookspec
+def resilience_dead_letter_stored(entry: DeadLetter, trimmed: int) -> None:
+    """A dead letter was stored; the message will be acked next.
+
+    :param trimmed: entries of the same task name dropped (oldest first) by this
+        write to keep within ``resilience_dlq_max_entries``.
+    """
+
+
+@hookspec
+def resilience_dead_letter_replayed(entry: DeadLetter, task_id: str) -> None:
+    """A dead letter was published again and removed from the queue.
+
+    :param entry: the entry as it was stored (``entry.replays`` is the count before
+        this replay).
+    """
+
+
+@hookspec
+def resilience_dead_letter_deleted(entry_id: str) -> None:
+    """A dead letter was deleted by ``DeadLetterQueue.delete`` (not by replay or purge)."""
+
+
+@hookspec
+def resilience_dead_letters_purged(task_name: str | None, count: int) -> None:
+    """``count`` dead letters were purged (of ``task_name``, or all when None)."""

@@ -20,12 +20,12 @@ def get_plugin_manager() -> pluggy.PluginManager:
     Built-in backends are registered as ordinary plugins, then every plugin of the
     ``celery_resilience`` entry-point group is loaded.
     """
-    from celery_resilience.backends import memory, redis
+    from celery_resilience.backends import memory, memory_dlq, redis, redis_dlq
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(memory, name="celery_resilience.backends.memory")
-    pm.register(redis, name="celery_resilience.backends.redis")
+    for plugin in (memory, redis, memory_dlq, redis_dlq):
+        pm.register(plugin, name=plugin.__name__)
     pm.load_setuptools_entrypoints(hookspecs.PROJECT)
     return pm
 

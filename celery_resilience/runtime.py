@@ -15,7 +15,7 @@ from typing import Any
 
 import pluggy
 
-from celery_resilience.backends.base import CoordinationBackend
+from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
 from celery_resilience.errors import ConfigurationError
 from celery_resilience.plugins import get_plugin_manager
 from celery_resilience.settings import Settings, load_settings
@@ -37,6 +37,7 @@ class Runtime:
     countdown_cap: float | None
     pid: int = field(default_factory=os.getpid)
     _backend: CoordinationBackend | None = None
+    _dlq: DeadLetterBackend | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -47,6 +48,15 @@ class Runtime:
                 if self._backend is None:
                     self._backend = build_backend(self.plugins, self.settings)
         return self._backend
+
+    @property
+    def dlq(self) -> DeadLetterBackend:
+        """The dead-letter queue backend, built on first use."""
+        if self._dlq is None:
+            with self._lock:
+                if self._dlq is None:
+                    self._dlq = build_dlq_backend(self.plugins, self.settings)
+        return self._dlq
 
     def cap_countdown(self, seconds: float) -> float:
         """Clamp a retry countdown so the broker does not deliver the task twice.
@@ -66,6 +76,17 @@ def build_backend(plugins: pluggy.PluginManager, settings: Settings) -> Coordina
         raise ConfigurationError(
             f"setting resilience_url={mask_url(settings.url)!r}: no installed backend serves "
             "this URL scheme (built in: memory://, redis://, rediss://)"
+        )
+    return backend  # type: ignore[no-any-return]
+
+
+def build_dlq_backend(plugins: pluggy.PluginManager, settings: Settings) -> DeadLetterBackend:
+    """Ask the plugins for the dead-letter queue backend of ``settings.dlq_url``."""
+    backend = plugins.hook.resilience_dlq_backend(url=settings.dlq_url, settings=settings)
+    if backend is None:
+        raise ConfigurationError(
+            f"setting resilience_dlq_url={mask_url(settings.dlq_url)!r}: no installed DLQ "
+            "backend serves this URL scheme (built in: memory://, redis://, rediss://)"
         )
     return backend  # type: ignore[no-any-return]
 

@@ -29,6 +29,8 @@ class Settings:
     dlq_max_entries: int = 10_000
     visibility_heartbeat: bool | None = None
     prometheus_port: int | None = None
+    dlq_mask_args: tuple[str, ...] = ()
+    dlq_replay_rate: float = 50.0
     url_is_default: bool = False
 
 
@@ -51,6 +53,11 @@ def _as_seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError
     return float(value)
+
+
+def _as_rate(value: Any) -> float:
+    """a number per second > 0"""
+    return _as_seconds(value)
 
 
 def _as_bool(value: Any) -> bool:
@@ -77,6 +84,17 @@ def _as_port(value: Any) -> int:
     return port
 
 
+def _as_names(value: Any) -> tuple[str, ...]:
+    """argument names, as a list or a comma-separated string"""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(v, str) and v.isidentifier() for v in value
+    ):
+        raise ValueError
+    return tuple(value)
+
+
 # setting name (without the resilience_ prefix) -> converter; the converter's
 # docstring says what was expected.
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
@@ -91,6 +109,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "dlq_max_entries": _as_int(1),
     "visibility_heartbeat": _as_bool,
     "prometheus_port": _as_port,
+    "dlq_mask_args": _as_names,
+    "dlq_replay_rate": _as_rate,
 }
 
 SETTING_NAMES = tuple(f"resilience_{name}" for name in _CONVERTERS)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from celery_resilience.deadletter import DeadLetter
 
 
 class Admission(enum.Enum):
@@ -123,3 +126,115 @@ class CoordinationBackend(Protocol):
     def close(self) -> None:
         """Release connections. The backend may not be used afterwards."""
         ...
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of dead letters, newest first.
+
+    ``cursor`` is passed back to ``list`` for the next page; ``None`` means this was
+    the last page.
+    """
+
+    entries: list[DeadLetter]
+    cursor: str | None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What storing a dead letter removed to keep within limits.
+
+    ``trimmed`` counts entries of the same task name dropped, oldest first, to stay
+    within ``max_entries``; ``expired`` counts entries older than the retention
+    removed by the same write.
+    """
+
+    trimmed: int = 0
+    expired: int = 0
+
+
+@runtime_checkable
+class DeadLetterBackend(Protocol):
+    """Keeps dead letters until they are replayed, deleted, trimmed or too old.
+
+    Retention and the per-task cap are enforced when an entry is stored (no
+    background job is needed); readers skip entries older than the retention they
+    are given. Each method is atomic on its own. Methods raise
+    :class:`celery_resilience.errors.BackendUnavailable` when the store cannot be
+    reached, and :class:`celery_resilience.deadletter.MalformedEntry` for an entry
+    that cannot be decoded (``list`` skips those and logs them instead).
+    """
+
+    url: str
+    """The backend's URL with any password masked."""
+
+    def store(self, entry: DeadLetter, *, retention: float, max_entries: int) -> StoreResult:
+        """Add ``entry``; drop entries older than ``retention`` seconds and, oldest
+        first, entries of ``entry.task_name`` beyond ``max_entries``. Returns what was
+        dropped. When this returns, the entry is durable as far as the store is."""
+        ...
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        """Return the entry with ``entry_id``, or None if there is none."""
+        ...
+
+    def list(
+        self,
+        *,
+        task_name: str | None = None,
+        reason: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        newer_than: float = 0.0,
+    ) -> Page:
+        """Return up to ``limit`` entries, newest ``last_failure_at`` first, filtered by
+        task name and reason, skipping entries whose ``last_failure_at`` (Unix seconds)
+        is not after ``newer_than``. Paging with ``cursor`` neither repeats nor skips
+        entries that stay in the queue meanwhile."""
+        ...
+
+    def count(
+        self, *, task_name: str | None = None, reason: str | None = None, newer_than: float = 0.0
+    ) -> int:
+        """Return how many entries match, as ``list`` would return them all."""
+        ...
+
+    def delete(self, entry_id: str) -> bool:
+        """Remove one entry; False when there was none."""
+        ...
+
+    def purge(self, *, task_name: str | None = None) -> int:
+        """Remove every entry (of ``task_name`` only, when given); return how many."""
+        ...
+
+    def eviction_policy(self) -> str | None:
+        """The store's eviction policy when it may drop entries by itself, else None."""
+        ...
+
+    def ping(self) -> None:
+        """Check that the store answers; raise ``BackendUnavailable`` if not."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. The backend may not be used afterwards."""
+        ...
+
+
+def score_of(entry: DeadLetter) -> int:
+    """The sort key of an entry: ``last_failure_at`` in whole milliseconds."""
+    return int(entry.last_failure_at * 1000)
+
+
+def encode_cursor(score: int, entry_id: str) -> str:
+    """A cursor pointing just past the entry with ``score`` and ``entry_id``."""
+    return f"{score}:{entry_id}"
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """Split a cursor from :func:`encode_cursor`; raise ``ConfigurationError`` if it is not one."""
+    from celery_resilience.errors import ConfigurationError
+
+    score, sep, entry_id = cursor.partition(":")
+    if not sep or not score.isdigit() or not entry_id:
+        raise ConfigurationError(f"cursor {cursor!r} is not one returned by list()")
+    return int(score), entry_id

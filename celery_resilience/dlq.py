@@ -1,0 +1,224 @@
+"""``DeadLetterQueue``: inspect, replay and remove what gave up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.result import AsyncResult
+
+from celery_resilience.backends.base import DeadLetterBackend, Page
+from celery_resilience.deadletter import FIRST_FAILURE_HEADER, REPLAYS_HEADER, DeadLetter
+from celery_resilience.errors import ResilienceError
+from celery_resilience.plugins import notify
+from celery_resilience.runtime import Runtime, runtime
+
+MAX_REPLAYS = 3
+"""An entry replayed this many times is refused unless ``force=True``."""
+
+
+class UnknownEntry(ResilienceError, KeyError):
+    """No dead letter has this id (it was replayed, deleted, trimmed or never existed)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown dead letter"
+
+
+class ReplayRefused(ResilienceError):
+    """A replay was refused: unknown task name, or replayed too often without ``force``."""
+
+
+class ReplayFailed(ResilienceError):
+    """The replay could not be published; the entry is still in the queue."""
+
+
+@dataclass
+class ReplayReport:
+    """What ``replay_all`` did: ids replayed, and ids refused or failed with why."""
+
+    replayed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class DeadLetterQueue:
+    """The dead-letter queue of ``app``, on the backend ``resilience_dlq_url`` names.
+
+    Entries older than ``resilience_dlq_retention`` are never returned.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._rt: Runtime = runtime(app)
+
+    @property
+    def backend(self) -> DeadLetterBackend:
+        return self._rt.dlq
+
+    def _newer_than(self) -> float:
+        return time.time() - self._rt.settings.dlq_retention
+
+    def list(
+        self,
+        task_name: str | None = None,
+        reason: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """Return a page of entries, newest first; pass ``page.cursor`` for the next one."""
+        return self.backend.list(
+            task_name=task_name,
+            reason=reason,
+            limit=limit,
+            cursor=cursor,
+            newer_than=self._newer_than(),
+        )
+
+    def iter(self, task_name: str | None = None, reason: str | None = None) -> Iterator[DeadLetter]:
+        """Every matching entry, newest first, page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.list(task_name=task_name, reason=reason, limit=500, cursor=cursor)
+            yield from page.entries
+            if page.cursor is None:
+                return
+            cursor = page.cursor
+
+    def get(self, entry_id: str) -> DeadLetter:
+        """Return one entry; raise :class:`UnknownEntry` if there is none."""
+        entry = self.backend.get(entry_id)
+        if entry is None:
+            raise UnknownEntry(f"no dead letter with id {entry_id!r}")
+        return entry
+
+    def count(self, task_name: str | None = None, reason: str | None = None) -> int:
+        """How many entries match."""
+        return self.backend.count(task_name=task_name, reason=reason, newer_than=self._newer_than())
+
+    def replay(self, entry_id: str, *, force: bool = False) -> AsyncResult:
+        """Publish the entry's task again, then remove the entry; return its result.
+
+        Same task id, queue, exchange and routing key, a fresh retry budget and
+        ``replays + 1``. Raises :class:`UnknownEntry`, :class:`ReplayRefused` (a task
+        name this app does not know, or more than 3 replays without ``force``) or
+        :class:`ReplayFailed` (the publish failed; the entry stays).
+        """
+        entry = self.get(entry_id)
+        task = self.app.tasks.get(entry.task_name)
+        if task is None:
+            raise ReplayRefused(
+                f"dead letter {entry_id}: task {entry.task_name!r} is not registered in "
+                f"app {self.app.main!r}; import the module that defines it"
+            )
+        if entry.replays >= MAX_REPLAYS and not force:
+            raise ReplayRefused(
+                f"dead letter {entry_id} was replayed {entry.replays} times already; "
+                "replay it with force to try again"
+            )
+        try:
+            _publish(self.app, task, entry)
+        except Exception as exc:
+            raise ReplayFailed(
+                f"dead letter {entry_id} could not be published, it stays in the queue: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self.backend.delete(entry_id)
+        notify(
+            self._rt.plugins, "resilience_dead_letter_replayed", entry=entry, task_id=entry.task_id
+        )
+        return AsyncResult(entry.task_id, app=self.app)
+
+    def replay_all(
+        self,
+        task_name: str | None = None,
+        reason: str | None = None,
+        rate: float | None = None,
+        *,
+        force: bool = False,
+    ) -> ReplayReport:
+        """Replay every matching entry at most ``rate`` per second (default
+        ``resilience_dlq_replay_rate``, 50). Entries refused or failing are reported,
+        not raised, and stay in the queue."""
+        interval = 1.0 / (rate or self._rt.settings.dlq_replay_rate)
+        report = ReplayReport()
+        next_at = time.monotonic()
+        for entry in list(self.iter(task_name=task_name, reason=reason)):
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            next_at = max(next_at, time.monotonic()) + interval
+            try:
+                self.replay(entry.id, force=force)
+            except ResilienceError as exc:
+                report.refused[entry.id] = str(exc)
+            else:
+                report.replayed.append(entry.id)
+        return report
+
+    def delete(self, entry_id: str) -> None:
+        """Remove one entry; raise :class:`UnknownEntry` if there is none."""
+        if not self.backend.delete(entry_id):
+            raise UnknownEntry(f"no dead letter with id {entry_id!r}")
+        notify(self._rt.plugins, "resilience_dead_letter_deleted", entry_id=entry_id)
+
+    def purge(self, task_name: str | None = None) -> int:
+        """Remove every entry (of ``task_name`` only, when given); return how many."""
+        count = self.backend.purge(task_name=task_name)
+        notify(self._rt.plugins, "resilience_dead_letters_purged", task_name=task_name, count=count)
+        return count
+
+
+def _routing(entry: DeadLetter) -> dict[str, Any]:
+    """Where the original went, as ``apply_async`` options (as Celery's own retry does)."""
+    options: dict[str, Any] = {}
+    if entry.priority is not None:
+        options["priority"] = entry.priority
+    if entry.exchange in ("", None) and entry.routing_key:
+        options["queue"] = entry.routing_key  # sent to the default (anonymous) exchange
+    else:
+        if entry.exchange:
+            options["exchange"] = entry.exchange
+        if entry.routing_key:
+            options["routing_key"] = entry.routing_key
+        if entry.queue and not entry.routing_key:
+            options["queue"] = entry.queue
+    return options
+
+
+def _publish(app: Any, task: Any, entry: DeadLetter) -> None:
+    headers = {REPLAYS_HEADER: entry.replays + 1, FIRST_FAILURE_HEADER: entry.first_failure_at}
+    routing = _routing(entry)
+    if entry.body is None:
+        task.apply_async(
+            entry.args or [], entry.kwargs or {}, task_id=entry.task_id, headers=headers, **routing
+        )
+        return
+    # Arguments JSON could not show: republish the stored body byte for byte,
+    # never deserializing it here.
+    message = app.amqp.as_task_v2(
+        entry.task_id,
+        entry.task_name,
+        (),
+        {},
+        argsrepr=entry.args_repr,
+        kwargsrepr=entry.kwargs_repr,
+    )
+    queue = routing.get("queue")
+    exchange = routing.get("exchange", "" if queue else app.conf.task_default_exchange)
+    routing_key = routing.get("routing_key", queue or app.conf.task_default_routing_key)
+    declare = [app.amqp.queues[queue]] if queue and queue in app.amqp.queues else []
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            entry.body.payload(),
+            exchange=exchange,
+            routing_key=routing_key,
+            headers={**message.headers, **headers},
+            content_type=entry.body.content_type,
+            content_encoding=entry.body.content_encoding,
+            declare=declare,
+            retry=True,
+            retry_policy=app.conf.task_publish_retry_policy,
+            priority=entry.priority,
+            **message.properties,
+        )
