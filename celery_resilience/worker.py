@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from celery_resilience.backends.base import DeadLetterBackend
 from celery_resilience.errors import ResilienceError
 from celery_resilience.runtime import runtime
 from celery_resilience.urls import mask_url
@@ -28,6 +29,7 @@ class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             rt = runtime(worker.app)
             rt.backend.ping()
+            rt.dlq.ping()
         except ResilienceError as exc:
             logger.critical("celery-resilience: %s", exc)
             # WorkController.start() turns SystemExit into a plain exit with this
@@ -43,4 +45,26 @@ class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
                 if settings.url_is_default
                 else "",
             )
-        logger.info("celery-resilience: coordination backend %s", mask_url(settings.url))
+        logger.info(
+            "celery-resilience: coordination backend %s, DLQ %s",
+            mask_url(settings.url),
+            mask_url(settings.dlq_url),
+        )
+        _warn_if_dlq_can_evict(rt.dlq)
+
+
+def _warn_if_dlq_can_evict(dlq: DeadLetterBackend) -> None:
+    """Dead letters on a store that evicts keys under memory pressure vanish silently."""
+    try:
+        policy = dlq.eviction_policy()
+    except ResilienceError as exc:  # e.g. an ACL user without CONFIG GET
+        logger.warning("celery-resilience: could not read the DLQ's eviction policy: %s", exc)
+        return
+    if policy is not None:
+        logger.warning(
+            "celery-resilience: the DLQ at %s has maxmemory-policy %s, which can evict "
+            "dead letters without trace; give it a Redis with maxmemory-policy noeviction "
+            "(set resilience_dlq_url)",
+            dlq.url,
+            policy,
+        )
