@@ -135,9 +135,11 @@ def install(app: Any, *, validate: bool = True) -> None:
     configuration early.
     """
     if not getattr(app, "_celery_resilience_installed", False):
+        from celery_resilience.heartbeat import VisibilityHeartbeat
         from celery_resilience.worker import ResilienceBootstep
 
         app.steps["worker"].add(ResilienceBootstep)
+        app.steps["consumer"].add(VisibilityHeartbeat)
         app._celery_resilience_installed = True
     if validate:
         runtime(app)
