@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,6 +25,7 @@ from celery_resilience.leases import keeper
 from celery_resilience.locks import LockKey
 from celery_resilience.options import ResilientOptions
 from celery_resilience.outcome import GiveUp
+from celery_resilience.owners import holder_is_dead, new_owner
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
 
@@ -57,7 +56,7 @@ class Delivery:
             task.max_retries = self.max_retries
         self.max_crashes = self.options.max_crashes or settings.max_crashes
         self.lease_ttl = self.options.lock_ttl or settings.lock_ttl
-        self.owner = f"{request.hostname}/{os.getpid()}/{self.task_id}/{secrets.token_hex(4)}"
+        self.owner = new_owner(request.hostname or "", self.task_id)
         self.lock_key: str | None = None
         self.deliveries = 0
         self.replays = int(_header(request, REPLAYS_HEADER) or 0)
@@ -73,15 +72,9 @@ class Delivery:
             except Exception as exc:
                 self.give_up("error", exc)
         try:
-            admitted = self.rt.backend.admit(
-                self.task_id,
-                self.attempt,
-                owner=self.owner,
-                lock_key=self.lock_key,
-                lease_ttl=self.lease_ttl,
-                max_crashes=self.max_crashes,
-                record_ttl=self.rt.settings.completion_ttl,
-            )
+            admitted = self.admit()
+            if admitted.holder is not None and self.free_dead_holder(admitted.holder):
+                admitted = self.admit()
         except BackendUnavailable as exc:
             self.backend_down(exc)
         self.deliveries = admitted.deliveries
@@ -110,6 +103,35 @@ class Delivery:
                 ),
             )
         return self.contended(admitted)
+
+    def admit(self) -> AdmitResult:
+        return self.rt.backend.admit(
+            self.task_id,
+            self.attempt,
+            owner=self.owner,
+            lock_key=self.lock_key,
+            lease_ttl=self.lease_ttl,
+            max_crashes=self.max_crashes,
+            record_ttl=self.rt.settings.completion_ttl,
+        )
+
+    def free_dead_holder(self, holder: str) -> bool:
+        """Release a lease whose holder is provably dead (see ``owners``); True if freed.
+
+        A child killed on this machine leaves its lease behind; its task's
+        redelivery would otherwise wait out the whole TTL.
+        """
+        assert self.lock_key is not None
+        if not holder_is_dead(holder) or not self.rt.backend.release(self.lock_key, holder):
+            return False
+        logger.warning(
+            "celery-resilience: released lock %r of dead holder %s for task %s[%s]",
+            self.lock_key,
+            holder,
+            self.task.name,
+            self.task_id,
+        )
+        return True
 
     def contended(self, admitted: AdmitResult) -> NoReturn:
         assert self.lock_key is not None

@@ -289,3 +289,17 @@ def test_fencing_tokens_keep_increasing_after_the_counter_expired(
     assert first.fencing_token is not None
     assert second.fencing_token is not None
     assert second.fencing_token > first.fencing_token
+
+
+def test_contended_admit_names_the_holder_and_release_is_owner_only(
+    backend: CoordinationBackend,
+) -> None:
+    """A contended admit reports who holds the key; only that owner's release frees it."""
+    key = f"k-{new_id()}"
+    admit(backend, new_id(), owner="holder-1", lock_key=key)
+    contended = admit(backend, new_id(), owner="other", lock_key=key)
+    assert contended.holder == "holder-1"
+    assert backend.release(key, "other") is False
+    assert backend.release(key, "holder-1") is True
+    assert backend.release(key, "holder-1") is False
+    assert admit(backend, new_id(), owner="next", lock_key=key).admission is Admission.ADMITTED

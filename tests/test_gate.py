@@ -410,3 +410,39 @@ def test_countdown_with_redis_broker_stays_under_half_the_visibility_timeout(
     with pytest.raises(ValueError, match="again"):
         slow_retry.delay().get()
     assert [r["countdown"] for r in events.of("retry_scheduled")] == [5.0]
+
+
+def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: Recorder) -> None:
+    """A lease left by a process that died on this machine does not block the task."""
+    import subprocess
+    import sys
+
+    code = "from celery_resilience.owners import new_owner; print(new_owner('n', 't'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    dead = done.stdout.strip()
+    runtime(app).backend.admit(
+        "dead-task", 0, owner=dead, lock_key="d:1", lease_ttl=30, max_crashes=3, record_ttl=60
+    )
+
+    @resilient(max_retries=0, lock="d:{x}")
+    @app.task
+    def guarded(x: int) -> int | None:
+        return current_attempt().fencing_token
+
+    assert guarded.delay(1).get() is not None
+    assert events.of("lock_contended") == []
+
+
+def test_lock_of_a_live_holder_is_never_overtaken(app: Celery) -> None:
+    """A holder whose process is alive keeps its lease: the task gives up contended."""
+    owner = __import__("celery_resilience.owners", fromlist=["new_owner"]).new_owner("n", "t")
+    runtime(app).backend.admit(
+        "live-task", 0, owner=owner, lock_key="l:1", lease_ttl=30, max_crashes=3, record_ttl=60
+    )
+
+    @resilient(max_retries=0, lock="l:{x}")
+    @app.task
+    def guarded(x: int) -> None: ...
+
+    with pytest.raises(LockContended):
+        guarded.delay(1).get()

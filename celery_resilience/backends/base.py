@@ -40,6 +40,8 @@ class AdmitResult:
     fencing_token: int | None = None
     lease_remaining: float = 0.0
     lost: int = 0
+    holder: str | None = None
+    """For a contended lease, the owner string of its holder."""
 
     @property
     def crashes(self) -> int:
@@ -109,6 +111,13 @@ class CoordinationBackend(Protocol):
         the completion record of ``task_id`` for ``record_ttl`` seconds. Returns True
         when the lease was released by this call, False when there was no lease or
         another owner held it by then.
+        """
+        ...
+
+    def release(self, lock_key: str, owner: str) -> bool:
+        """Delete the lease on ``lock_key`` only if ``owner`` holds it (compare-and-delete).
+
+        Used to free a lease whose holder is provably dead. Returns True if released.
         """
         ...
 

@@ -110,6 +110,7 @@ class MemoryCoordinationBackend:
                     deliveries,
                     lease_remaining=store.ttl(lease, now),
                     lost=lost,
+                    holder=store.get(lease, now),
                 )
             store.set(lease, owner, lease_ttl, now)
             token = fence_token(store.get(fence, now) or 0, time.time_ns() // 1000)
@@ -138,6 +139,15 @@ class MemoryCoordinationBackend:
                 return False
             lease = self._lock_keys(lock_key)[0]
             if store.get(lease, now) != owner:
+                return False
+            del store.data[lease]
+            return True
+
+    def release(self, lock_key: str, owner: str) -> bool:
+        lease = self._lock_keys(lock_key)[0]
+        store = self._store
+        with store.lock:
+            if store.get(lease, time.monotonic()) != owner:
                 return False
             del store.data[lease]
             return True

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # KEYS: 1 completion record, 2 delivery counter of this attempt, 3 lost deliveries
 #       carried from earlier attempts, [4 lease, 5 fencing counter]
 # ARGV: 1 owner, 2 lease ttl ms, 3 max crashes, 4 record ttl ms
-# Returns {status, deliveries, fencing token, lease ms left, lost}; status 0 admitted,
+# Returns {status, deliveries, fencing token, lease ms left, lost, holder}; status 0 admitted,
 # 1 duplicate, 2 crash budget spent, 3 lock contended.
 ADMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -42,7 +42,7 @@ if not redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if deliveries > 1 then
     redis.call('SET', KEYS[3], lost + deliveries - 1, 'PX', ARGV[4])
   end
-  return {3, deliveries, 0, redis.call('PTTL', KEYS[4]), lost}
+  return {3, deliveries, 0, redis.call('PTTL', KEYS[4]), lost, redis.call('GET', KEYS[4])}
 end
 -- token = max(previous + 1, server time in microseconds): increasing even after
 -- the counter of a key idle for the record ttl expired.
@@ -64,6 +64,14 @@ redis.call('DEL', KEYS[2], KEYS[3])
 if #KEYS >= 4 and redis.call('GET', KEYS[4]) == ARGV[1] then
   redis.call('DEL', KEYS[4])
   return 1
+end
+return 0
+"""
+
+# KEYS: 1 lease. ARGV: 1 owner. Returns 1 if the owner's lease was deleted, else 0.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -120,6 +128,7 @@ class RedisCoordinationBackend:
         self._admit = self._client.register_script(ADMIT)
         self._finish = self._client.register_script(FINISH)
         self._renew = self._client.register_script(RENEW)
+        self._release = self._client.register_script(RELEASE)
 
     def _keys(self, task_id: str, attempt: int, lock_key: str | None) -> list[str]:
         p = self._prefix
@@ -151,13 +160,16 @@ class RedisCoordinationBackend:
     ) -> AdmitResult:
         keys = self._keys(task_id, attempt, lock_key)
         args = [owner, _ms(lease_ttl), max_crashes, _ms(record_ttl)]
-        status, deliveries, token, left_ms, lost = self._call("admit", self._admit, keys, args)
+        status, deliveries, token, left_ms, lost, *holder = self._call(
+            "admit", self._admit, keys, args
+        )
         return AdmitResult(
             _STATUS[int(status)],
             int(deliveries),
             fencing_token=int(token) if int(status) == 0 and lock_key is not None else None,
             lease_remaining=max(0, int(left_ms)) / 1000.0,
             lost=int(lost),
+            holder=holder[0].decode() if holder and holder[0] else None,
         )
 
     def finish(
@@ -173,6 +185,10 @@ class RedisCoordinationBackend:
         keys = self._keys(task_id, attempt, lock_key)[:4]
         args = [owner, "1" if succeeded else "0", _ms(record_ttl)]
         return bool(self._call("finish", self._finish, keys, args))
+
+    def release(self, lock_key: str, owner: str) -> bool:
+        keys = [f"{self._prefix}:lock:{lock_key}"]
+        return bool(self._call("release", self._release, keys, [owner]))
 
     def renew(self, lock_key: str, owner: str, lease_ttl: float) -> bool:
         keys = [f"{self._prefix}:lock:{lock_key}"]
