@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +60,37 @@ def backend_url(request: pytest.FixtureRequest) -> str:
     if request.param == "memory":
         return f"memory://test-{uuid.uuid4().hex[:8]}"
     return str(request.getfixturevalue("redis_url"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def evicting_redis(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server whose maxmemory-policy may evict keys."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        _unreachable("redis-server", FileNotFoundError("not on PATH"))
+    port = _free_port()
+    server = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--maxmemory-policy", "allkeys-lru", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("private redis-server did not start")
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
