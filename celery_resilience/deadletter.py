@@ -27,6 +27,18 @@ class MalformedEntry(ResilienceError):
     """A stored dead letter could not be decoded; the message names the entry."""
 
 
+_TEXT = ("id", "task_id", "task_name", "reason", "exception_type", "exception_message")
+_FIELD_TYPES: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = (
+    ((*_TEXT, "traceback", "args_repr", "kwargs_repr"), str),
+    (("attempts", "deliveries", "replays"), int),
+    (("first_failure_at", "last_failure_at"), (int, float)),
+    (("args", "argnames"), (list, type(None))),
+    (("kwargs",), (dict, type(None))),
+    (("queue", "exchange", "routing_key", "lock_key", "hostname"), (str, type(None))),
+    (("priority",), (int, type(None))),
+)
+
+
 @dataclass(frozen=True)
 class RawBody:
     """A message body kept as bytes because JSON cannot show its arguments."""
@@ -92,9 +104,11 @@ class DeadLetter:
             entry = cls(**values)
         except (ValueError, TypeError) as exc:
             raise MalformedEntry(f"dead letter {entry_id} cannot be decoded: {exc}") from None
-        for name in ("id", "task_id", "task_name", "reason"):
-            if not isinstance(getattr(entry, name), str):
-                raise MalformedEntry(f"dead letter {entry_id} has no valid {name}")
+        for names, kinds in _FIELD_TYPES:
+            for name in names:
+                value = getattr(entry, name)
+                if not isinstance(value, kinds) or isinstance(value, bool):
+                    raise MalformedEntry(f"dead letter {entry_id} has an invalid {name}: {value!r}")
         return entry
 
     def summary(self) -> dict[str, Any]:

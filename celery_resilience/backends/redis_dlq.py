@@ -28,18 +28,21 @@ from celery_resilience.urls import mask_url
 
 logger = logging.getLogger(__name__)
 
-# Shared by the scripts: remove entry `id` and its index entries. The entry's own
-# JSON says which task/reason indexes hold it; an undecodable one is removed from
-# the global index only (its other index members are dropped when met).
+# Shared by the scripts: remove entry `id` from the store and from every index.
+# `{prefix}:dlq:meta` maps id -> "task name \31 reason", so even an entry whose
+# JSON cannot be decoded leaves no index member behind.
 _DROP = """
 local function drop(prefix, id)
-  local raw = redis.call('GET', prefix .. ':dlq:e:' .. id)
+  local meta = redis.call('HGET', prefix .. ':dlq:meta', id)
   redis.call('ZREM', prefix .. ':dlq:all', id)
-  if not raw then return nil end
-  redis.call('DEL', prefix .. ':dlq:e:' .. id)
-  local ok, entry = pcall(cjson.decode, raw)
-  if not ok or type(entry) ~= 'table' then return '' end
-  local task, reason = tostring(entry['task_name']), tostring(entry['reason'])
+  local existed = redis.call('DEL', prefix .. ':dlq:e:' .. id)
+  if not meta then
+    if existed == 1 then return '' end
+    return nil
+  end
+  redis.call('HDEL', prefix .. ':dlq:meta', id)
+  local cut = string.find(meta, '\31', 1, true)
+  local task, reason = string.sub(meta, 1, cut - 1), string.sub(meta, cut + 1)
   redis.call('ZREM', prefix .. ':dlq:t:' .. task, id)
   redis.call('ZREM', prefix .. ':dlq:r:' .. reason, id)
   redis.call('ZREM', prefix .. ':dlq:tr:' .. task .. ':' .. reason, id)
@@ -56,6 +59,7 @@ STORE = (
     + """
 local p, id, score, task, reason = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 redis.call('SET', p .. ':dlq:e:' .. id, ARGV[3])
+redis.call('HSET', p .. ':dlq:meta', id, task .. '\31' .. reason)
 redis.call('ZADD', p .. ':dlq:all', score, id)
 redis.call('ZADD', p .. ':dlq:t:' .. task, score, id)
 redis.call('ZADD', p .. ':dlq:r:' .. reason, score, id)

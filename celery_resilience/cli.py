@@ -1,0 +1,441 @@
+"""``celery -A proj resilience dlq ...``: the dead-letter queue from the command line.
+
+Installed as a Celery sub-command through the ``celery.commands`` entry point; the
+app comes from Celery's ``-A``. Contracts every command keeps:
+
+- Success prints to stdout and exits 0. Every error the library reports (unknown
+  id, unreachable backend, undecodable entry, refused or failed replay, bad setting
+  or cursor) prints ONE line ``error: ...`` on stderr and exits 1, never a traceback;
+  a ``--json`` stdout carries JSON only.
+- Nothing is deserialized beyond JSON: a raw body is shown as ``<N bytes of TYPE>``.
+- Values of arguments named in ``resilience_dlq_mask_args`` print as ``***`` unless
+  ``--reveal`` is given; reprs that cannot be masked (raw bodies) are hidden instead.
+- Text from the store is printed with control characters escaped, so an entry
+  cannot drive the terminal; passwords are never printed (backend URLs are masked).
+- Options never read environment variables (Celery's ``CELERY_`` auto-envvars would
+  collide with the ``CELERY_RESILIENCE_*`` settings and could turn on ``--yes``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import functools
+import json
+import shutil
+import time
+import unicodedata
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from celery.bin.base import handle_preload_options
+
+from celery_resilience.deadletter import DeadLetter, MalformedEntry
+from celery_resilience.dlq import DeadLetterQueue, ReplayFailed, ReplayRefused, UnknownEntry
+from celery_resilience.doctor import diagnose
+from celery_resilience.errors import ResilienceError
+from celery_resilience.runtime import runtime
+from celery_resilience.urls import mask_url
+
+MASK = "***"
+_handle_preload_options: Callable[[Callable[..., None]], Callable[..., None]] = (
+    handle_preload_options  # delivers Celery's preload options (e.g. --config) to the app
+)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_PER_ID_ERRORS = (UnknownEntry, ReplayRefused, ReplayFailed, MalformedEntry)
+
+
+class Failure(click.ClickException):
+    """Ends a command with ``error: <message>`` on one stderr line and exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {_line(self.message)}", err=True)
+
+
+def _reports_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn any library error (and any unexpected one) into a one-line :class:`Failure`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except ResilienceError as exc:
+            raise Failure(str(exc)) from None
+        except Exception as exc:
+            raise Failure(f"unexpected {type(exc).__name__}: {_mask_urls(str(exc))}") from None
+
+    return wrapper
+
+
+def _option(*decls: str, **attrs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(*decls, allow_from_autoenv=False, **attrs)
+
+
+def _app() -> Any:
+    obj = click.get_current_context().obj
+    app = getattr(obj, "app", None)
+    if app is None:
+        raise Failure("run this as a Celery sub-command: celery -A proj resilience ...")
+    return app
+
+
+def _queue() -> tuple[DeadLetterQueue, frozenset[str]]:
+    """The app's DLQ and the argument names to mask; refuses a process-private DLQ."""
+    app = _app()
+    settings = runtime(app).settings
+    if settings.dlq_url.lower().startswith("memory://"):
+        raise Failure(
+            f"the DLQ backend is {mask_url(settings.dlq_url)}, which lives inside each "
+            "process, so this command cannot see the workers' dead letters; pass -A with "
+            "your app and set its resilience_url (or resilience_dlq_url) to a shared "
+            "backend such as redis://"
+        )
+    return DeadLetterQueue(app), frozenset(settings.dlq_mask_args)
+
+
+# --- text -------------------------------------------------------------------------
+
+
+def _safe(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with control/format characters escaped (``\\x1b``), newlines kept if asked."""
+    return "".join(
+        ch
+        if (keep_newlines and ch == "\n") or not unicodedata.category(ch).startswith("C")
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+def _line(value: object) -> str:
+    """``value`` as one safe line: whitespace runs collapsed to one space."""
+    return _safe(" ".join(str(value).split()))
+
+
+def _mask_urls(text: str) -> str:
+    return " ".join(mask_url(word) if "://" in word else word for word in text.split())
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 3)] + "..."
+
+
+def age(seconds: float) -> str:
+    """Humanize a duration: ``42s``, ``3m``, ``2h``, ``5d`` (whole units, rounded down)."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _when(ts: Any) -> str:
+    try:
+        stamp = datetime.fromtimestamp(float(ts), tz=timezone.utc)
+        return f"{stamp:%Y-%m-%d %H:%M:%S} UTC ({age(time.time() - float(ts))} ago)"
+    except (TypeError, ValueError, OverflowError, OSError):
+        return _line(ts)
+
+
+def _exception(entry: DeadLetter) -> str:
+    kind = str(entry.exception_type).removeprefix("builtins.")
+    return f"{kind}: {entry.exception_message}" if entry.exception_message else kind
+
+
+def _body_text(entry: DeadLetter) -> str:
+    """``<N bytes of TYPE>`` for a raw body: counted, never deserialized."""
+    body = entry.body
+    content_type = _line(getattr(body, "content_type", "?"))
+    try:
+        size = len(base64.b64decode(str(getattr(body, "data", "")), validate=True))
+    except (binascii.Error, ValueError):
+        return f"<undecodable body of {content_type}>"
+    return f"<{size} bytes of {content_type}>"
+
+
+# --- masking ----------------------------------------------------------------------
+
+
+class _Masked:
+    def __repr__(self) -> str:
+        return MASK
+
+
+def view(entry: DeadLetter, mask: frozenset[str], reveal: bool) -> dict[str, Any]:
+    """The entry as JSON-ready data with every masked value replaced by ``"***"``.
+
+    Positional args are named by ``entry.argnames``, kwargs by key; the reprs are
+    rebuilt from the masked values, or hidden when the values are not there to
+    mask (a raw body, whose base64 ``data`` is hidden too). ``reveal`` or an empty
+    ``mask`` returns every field as stored.
+    """
+    data = dataclasses.asdict(entry)
+    if reveal or not mask:
+        return data
+    names = entry.argnames if isinstance(entry.argnames, list) else []
+    args, kwargs = entry.args, entry.kwargs
+    if isinstance(args, list):
+        shown = [
+            _Masked() if i < len(names) and names[i] in mask else value
+            for i, value in enumerate(args)
+        ]
+        data["args"] = [MASK if isinstance(v, _Masked) else v for v in shown]
+        data["args_repr"] = repr(tuple(shown))
+    else:
+        data["args"] = None if args is None else MASK
+        data["args_repr"] = MASK
+    if isinstance(kwargs, dict):
+        masked = {k: _Masked() if k in mask else v for k, v in kwargs.items()}
+        data["kwargs"] = {k: MASK if isinstance(v, _Masked) else v for k, v in masked.items()}
+        data["kwargs_repr"] = repr(masked)
+    else:
+        data["kwargs"] = None if kwargs is None else MASK
+        data["kwargs_repr"] = MASK
+    if isinstance(data.get("body"), dict):
+        data["body"]["data"] = MASK
+    return data
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+@click.group(name="resilience")
+@click.pass_context
+@_handle_preload_options
+def resilience(ctx: click.Context, **preload_options: Any) -> None:
+    """celery-resilience tools: see celery -A proj resilience dlq --help."""
+
+
+@resilience.group()
+def dlq() -> None:
+    """The dead-letter queue: list, show, replay and remove entries."""
+
+
+@dlq.command(name="ls")
+@_option("--task", "task_name", metavar="NAME", help="Only entries of this task name.")
+@_option("--reason", metavar="R", help="Only entries with this give-up reason.")
+@_option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@_option("--cursor", metavar="C", help="The cursor an earlier page printed.")
+@_option("--json", "as_json", is_flag=True, help='Print {"entries": [...], "next_cursor": C}.')
+@_option("--reveal", is_flag=True, help="Show masked argument values.")
+@_reports_errors
+def ls(
+    task_name: str | None,
+    reason: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+    reveal: bool,
+) -> None:
+    """List entries, newest first: task, reason, age, attempts, exception, id.
+
+    When more entries match than --limit, a last line names the --cursor of the
+    next page (next_cursor with --json; null on the last page).
+    """
+    queue, mask = _queue()
+    page = queue.list(task_name=task_name, reason=reason, limit=limit, cursor=cursor)
+    if as_json:
+        entries = [view(entry, mask, reveal) for entry in page.entries]
+        click.echo(json.dumps({"entries": entries, "next_cursor": page.cursor}, indent=2))
+        return
+    if not page.entries:
+        click.echo("no dead letters")
+    else:
+        now = time.time()
+        rows = [
+            [
+                _line(e.task_name),
+                _line(e.reason),
+                age(now - e.last_failure_at) if isinstance(e.last_failure_at, float | int) else "?",
+                _line(e.attempts),
+                _line(_exception(e)),
+                _line(e.id),
+            ]
+            for e in page.entries
+        ]
+        _table(["TASK", "REASON", "AGE", "ATTEMPTS", "EXCEPTION", "ID"], rows, squeeze=4)
+    if page.cursor is not None:
+        click.echo(f"more entries: pass --cursor {_line(page.cursor)} for the next page")
+
+
+def _table(header: list[str], rows: list[list[str]], squeeze: int) -> None:
+    """Print aligned columns; column ``squeeze`` is cut (to 20 at least) to fit the terminal."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    gaps = 2 * (len(header) - 1)
+    room = shutil.get_terminal_size((120, 24)).columns - gaps - sum(widths) + widths[squeeze]
+    widths[squeeze] = min(widths[squeeze], max(20, room))
+    for row in [header, *rows]:
+        cells = [_fit(cell, width).ljust(width) for cell, width in zip(row, widths, strict=True)]
+        click.echo("  ".join(cells).rstrip())
+
+
+@dlq.command()
+@click.argument("entry_id", metavar="ID")
+@_option("--json", "as_json", is_flag=True, help="Print the entry as a JSON object.")
+@_option("--reveal", is_flag=True, help="Show masked argument values.")
+@_reports_errors
+def show(entry_id: str, as_json: bool, reveal: bool) -> None:
+    """Print every field of one entry, traceback included."""
+    queue, mask = _queue()
+    entry = queue.get(entry_id)
+    data = view(entry, mask, reveal)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    raw = entry.body is not None
+    fields: list[tuple[str, object]] = [
+        ("id", entry.id),
+        ("task", entry.task_name),
+        ("task id", entry.task_id),
+        ("reason", entry.reason),
+        ("exception", entry.exception_type),
+        ("message", entry.exception_message),
+        ("attempts", entry.attempts),
+        ("deliveries", entry.deliveries),
+        ("replays", entry.replays),
+        ("first failure", _when(entry.first_failure_at)),
+        ("last failure", _when(entry.last_failure_at)),
+        ("queue", entry.queue),
+        ("exchange", entry.exchange),
+        ("routing key", entry.routing_key),
+        ("priority", entry.priority),
+        ("lock key", entry.lock_key),
+        ("hostname", entry.hostname),
+        ("argnames", ", ".join(map(str, entry.argnames or []))),
+        ("args", None if raw else json.dumps(data["args"])),
+        ("kwargs", None if raw else json.dumps(data["kwargs"])),
+        ("body", _body_text(entry) if raw else None),
+        ("args repr", data["args_repr"]),
+        ("kwargs repr", data["kwargs_repr"]),
+    ]
+    for label, value in fields:
+        shown = "-" if value is None or value == "" else _line(value)
+        if value == MASK and label.endswith("repr"):
+            shown += " (hidden: it cannot be masked; --reveal shows it)"
+        click.echo(f"{label + ':':<15}{shown}")
+    click.echo("traceback:")
+    for text in _safe(str(entry.traceback or "-"), keep_newlines=True).splitlines():
+        click.echo(f"  {text}")
+
+
+@dlq.command()
+@click.argument("entry_ids", metavar="[ID]...", nargs=-1)
+@_option("--all", "replay_all", is_flag=True, help="Replay every matching entry.")
+@_option("--task", "task_name", metavar="NAME", help="With --all: only this task name.")
+@_option("--reason", metavar="R", help="With --all: only this give-up reason.")
+@_option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="With --all: entries per second (default: setting resilience_dlq_replay_rate).",
+)
+@_option("--force", is_flag=True, help="Also replay entries replayed 3 times already.")
+@_reports_errors
+def replay(
+    entry_ids: tuple[str, ...],
+    replay_all: bool,
+    task_name: str | None,
+    reason: str | None,
+    rate: float | None,
+    force: bool,
+) -> None:
+    """Publish entries' tasks again (same task id and routing), then remove them.
+
+    Prints "replayed ID as task TASK_ID" per entry; each entry that cannot be
+    replayed gets an "error: ..." line on stderr (it stays) and the exit code is 1.
+    """
+    if replay_all == bool(entry_ids):
+        raise Failure("pass entry ids or --all (not both)")
+    if not replay_all and (task_name or reason or rate):
+        raise Failure("--task, --reason and --rate go with --all")
+    queue, _ = _queue()
+    queue.app.loader.import_default_modules()  # register the tasks, as a worker does
+    if not replay_all:
+        _each(
+            entry_ids, lambda entry_id: _replayed(entry_id, queue.replay(entry_id, force=force).id)
+        )
+        return
+    task_ids = {e.id: e.task_id for e in queue.iter(task_name=task_name, reason=reason)}
+    report = queue.replay_all(task_name=task_name, reason=reason, rate=rate, force=force)
+    for entry_id in report.replayed:
+        _replayed(entry_id, task_ids.get(entry_id, "?"))
+    for message in report.refused.values():
+        click.echo(f"error: {_line(message)}", err=True)
+    click.echo(f"replayed {len(report.replayed)} of {len(report.replayed) + len(report.refused)}")
+    if report.refused:
+        raise click.exceptions.Exit(1)
+
+
+def _replayed(entry_id: str, task_id: str) -> None:
+    click.echo(f"replayed {_line(entry_id)} as task {_line(task_id)}")
+
+
+def _each(entry_ids: Iterable[str], action: Callable[[str], None]) -> None:
+    """Run ``action`` on each distinct id; per-id errors print a line, then exit 1."""
+    failed = False
+    for entry_id in dict.fromkeys(entry_ids):
+        try:
+            action(entry_id)
+        except _PER_ID_ERRORS as exc:
+            click.echo(f"error: {_line(exc)}", err=True)
+            failed = True
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@dlq.command()
+@click.argument("entry_ids", metavar="ID...", nargs=-1, required=True)
+@_reports_errors
+def rm(entry_ids: tuple[str, ...]) -> None:
+    """Delete entries without replaying them; prints "deleted ID" per entry."""
+    queue, _ = _queue()
+
+    def delete(entry_id: str) -> None:
+        queue.delete(entry_id)
+        click.echo(f"deleted {_line(entry_id)}")
+
+    _each(entry_ids, delete)
+
+
+@dlq.command()
+@_option("--task", "task_name", metavar="NAME", help="Only entries of this task name.")
+@_option("--yes", is_flag=True, help="Confirm; without it nothing is removed (exit 1).")
+@_reports_errors
+def purge(task_name: str | None, yes: bool) -> None:
+    """Delete every entry (of --task only). Never prompts: needs --yes."""
+    what = f"every dead letter of task {task_name!r}" if task_name else "every dead letter"
+    if not yes:
+        raise Failure(f"purge deletes {what}; pass --yes to confirm")
+    queue, _ = _queue()
+    click.echo(f"purged {queue.purge(task_name=task_name)} dead letters")
+
+
+@resilience.command()
+@_option("--grace-period", type=float, metavar="S", help="The pod's termination grace period.")
+@_option("--longest-task", type=float, metavar="S", help="Longest run or ETA wait of a task.")
+@_option("--consumer-timeout", type=float, metavar="S", help="RabbitMQ's consumer_timeout.")
+@_reports_errors
+def doctor(
+    grace_period: float | None, longest_task: float | None, consumer_timeout: float | None
+) -> None:
+    """Check the settings that make tasks run twice, wait long or vanish; exit 1 on any."""
+    app = _app()
+    app.loader.import_default_modules()
+    findings = diagnose(
+        app,
+        grace_period=grace_period,
+        longest_task=longest_task,
+        consumer_timeout=consumer_timeout,
+    )
+    for finding in findings:
+        click.echo(_line(str(finding)))
+    if findings:
+        raise click.exceptions.Exit(1)
+    tasks = sum(1 for t in app.tasks.values() if getattr(type(t), "__resilience__", None))
+    click.echo(f"ok: no dangerous settings found ({tasks} resilient tasks checked)")
