@@ -61,8 +61,10 @@ class Runtime:
     def cap_countdown(self, seconds: float) -> float:
         """Clamp a retry countdown so the broker does not deliver the task twice.
 
-        With a Redis broker a message waiting longer than the visibility timeout is
-        delivered again, so countdowns are kept to half of it.
+        With a Redis broker and the visibility heartbeat off, a message waiting longer
+        than the visibility timeout is delivered again, so countdowns are kept to half
+        of it. With the heartbeat on (the default) the worker holding the message keeps
+        it from being redelivered while it waits, and countdowns are not capped.
         """
         if self.countdown_cap is not None:
             return min(seconds, self.countdown_cap)
@@ -91,7 +93,10 @@ def build_dlq_backend(plugins: pluggy.PluginManager, settings: Settings) -> Dead
     return backend  # type: ignore[no-any-return]
 
 
-def _countdown_cap(conf: Any) -> float | None:
+def _countdown_cap(conf: Any, settings: Settings) -> float | None:
+    """Half the visibility timeout of a Redis broker without the heartbeat, else no cap."""
+    if settings.visibility_heartbeat is not False:
+        return None
     broker = conf.get("broker_url") or ""
     if not isinstance(broker, str) or not broker.lower().startswith(_REDIS_BROKERS):
         return None
@@ -115,11 +120,12 @@ def runtime(app: Any) -> Runtime:
     with _runtimes_lock:
         rt = _runtimes.get(app)
         if rt is None or rt.pid != os.getpid():
+            settings = load_settings(app.conf)
             rt = Runtime(
                 app=app,
-                settings=load_settings(app.conf),
+                settings=settings,
                 plugins=get_plugin_manager(),
-                countdown_cap=_countdown_cap(app.conf),
+                countdown_cap=_countdown_cap(app.conf, settings),
             )
             _runtimes[app] = rt
         return rt

@@ -1,0 +1,101 @@
+"""The Celery app of the visibility-heartbeat integration tests.
+
+A worker runs ``celery -A tests.integration.heartbeat_app worker`` and gets
+``app = create_app(os.environ)``; the test process builds the same app from the same
+mapping to publish. Everything lives under one Redis prefix (``HB_PREFIX``): the
+broker's queue, ``unacked`` hash and ``unacked_index`` (as ``global_keyprefix``), the
+coordination keys and the records the task bodies write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from celery_resilience import resilient
+
+# Environment variables the workers are configured with.
+PREFIX = "HB_PREFIX"
+REDIS_URL = "HB_REDIS_URL"
+QUEUE = "HB_QUEUE"
+VISIBILITY_TIMEOUT = "HB_VISIBILITY_TIMEOUT"
+HEARTBEAT = "HB_HEARTBEAT"  # "on" or "off"
+FAST_SWEEP = "HB_FAST_SWEEP"  # "1": kombu's own restore sweep every second (kombu >= 5.7)
+
+_DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
+_UNCONFIGURED = "hbtest:unconfigured"
+
+
+def record_key(prefix: str, tag: str, what: str) -> str:
+    """The Redis list where test ``tag``'s bodies record ``what`` (starts, completions)."""
+    return f"{prefix}:rec:{tag}:{what}"
+
+
+def broker_options(env: Mapping[str, str]) -> dict[str, Any]:
+    """The broker transport options of the workers of ``env`` (and of the test's sweeper)."""
+    options: dict[str, Any] = {
+        "global_keyprefix": f"{env.get(PREFIX, _UNCONFIGURED)}:broker:",
+        "visibility_timeout": float(env.get(VISIBILITY_TIMEOUT, 3600)),
+    }
+    if env.get(FAST_SWEEP) == "1":
+        # Understood by kombu >= 5.7, ignored before.
+        options.update(unacked_restore_interval=1, unacked_restore_throttle=1)
+    return options
+
+
+def create_app(env: Mapping[str, str]) -> Celery:
+    """Build the app of one test cluster from ``env`` (a worker passes ``os.environ``)."""
+    prefix = env.get(PREFIX, _UNCONFIGURED)
+    url = env.get(REDIS_URL, _DEFAULT_REDIS)
+    queue = env.get(QUEUE, f"{prefix}.queue")
+    clients: dict[int, redis.Redis[str]] = {}  # by pid: a forked child makes its own
+
+    def client() -> redis.Redis[str]:
+        pid = os.getpid()
+        if pid not in clients:
+            clients[pid] = redis.Redis.from_url(url, decode_responses=True, socket_timeout=60)
+        return clients[pid]
+
+    app = Celery("celery_resilience_heartbeat", set_as_current=False)
+    app.conf.update(
+        broker_url=url,
+        broker_transport_options=broker_options(env),
+        task_default_queue=queue,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_enable_remote_control=False,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        resilience_url=url,
+        resilience_key_prefix=f"{prefix}:res",
+        resilience_visibility_heartbeat=env.get(HEARTBEAT, "on") != "off",
+    )
+
+    def debug_heartbeat(**_: Any) -> None:
+        logging.getLogger("celery_resilience.heartbeat").setLevel(logging.DEBUG)
+
+    signals.after_setup_logger.connect(debug_heartbeat, weak=False)
+
+    @resilient(max_retries=0)
+    @app.task(bind=True, shared=False, name="hb.held")
+    def held(self: Any, tag: str, seconds: float) -> str:
+        """Records its start, then runs ``seconds`` or until the test releases it."""
+        r = client()
+        node = str(self.request.hostname).split("@")[0]
+        r.rpush(record_key(prefix, tag, "starts"), f"{node} {os.getpid()} {time.time():.3f}")
+        if seconds > 0:
+            r.blpop([record_key(prefix, tag, "release")], timeout=seconds)
+        r.rpush(record_key(prefix, tag, "completions"), f"{node} {socket.gethostname()}")
+        return "done"
+
+    return app
+
+
+app = create_app(os.environ)

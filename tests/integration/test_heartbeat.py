@@ -1,0 +1,326 @@
+"""The visibility heartbeat with real workers on a Redis broker with a 4 s visibility timeout.
+
+Three clusters of two worker nodes each (``tests.integration.heartbeat_app``), all
+started at once for the module, every key under the cluster's own prefix:
+
+- ``on``: heartbeat on, one prefork node and one solo node (the heartbeat runs in the
+  event loop of the first and in a thread of the second);
+- ``off``: heartbeat off, two prefork nodes, to show the first test can fail;
+- ``kill``: heartbeat on, two prefork nodes, kombu's restore sweep at its default.
+
+For ``on`` and ``off`` the restore sweep runs at its fastest: kombu's own every second
+where kombu supports it (>= 5.7), and, on every kombu version, a sweeper in the test
+process calling kombu's ``restore_visible`` every 0.25 s, as a worker with the fastest
+sweep would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from . import heartbeat_app as hb
+from .harness import delete_keys, wait_until
+
+pytestmark = pytest.mark.integration
+
+VT = 4.0  # the visibility timeout of every cluster, seconds
+HELD_S = 3 * VT  # how long the held tasks run, or wait for their ETA
+READY_TIMEOUT_S = 30.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Node:
+    """One ``celery worker`` node in its own process group."""
+
+    def __init__(self, name: str, pool: str, env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.terminated = False
+        self.log = logdir / f"{name}.log"
+        out = logdir / f"{name}.out"
+        command = [
+            sys.executable, "-m", "celery", "-A", hb.__name__, "worker",
+            "-P", pool, "-c", "1", "-n", f"{name}@%h", "-Q", env[hb.QUEUE],
+            "-l", "INFO", "-f", str(self.log),
+            "--without-heartbeat", "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+        with out.open("wb") as stdout:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def is_ready(self) -> bool:
+        if self.process.poll() is not None:
+            pytest.fail(
+                f"worker {self.name} exited with {self.process.returncode}\n{self.report()}"
+            )
+        return " ready." in self.text()
+
+    def kill(self) -> None:
+        """SIGKILL the whole node: main process and pool children, as a pod dying."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM, once)."""
+        if self.process.poll() is None and not self.terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self.terminated = True
+
+    def stop(self) -> None:
+        """Warm shutdown, bounded; then SIGKILL whatever is left of the node."""
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+        self.kill()
+
+    def report(self) -> str:
+        tail = "\n".join(self.text().splitlines()[-60:])
+        return f"--- worker {self.name} log ({self.log}) ---\n{tail}"
+
+
+class HeartbeatCluster:
+    """Two nodes sharing one queue and one Redis prefix, and a client app to publish."""
+
+    def __init__(
+        self, label: str, redis_url: str, logdir: Path, *, heartbeat: str, fast_sweep: bool
+    ) -> None:
+        run = uuid.uuid4().hex[:10]
+        self.label = label
+        self.prefix = f"hbtest:{run}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("CELERY_RESILIENCE_")},
+            hb.PREFIX: self.prefix,
+            hb.REDIS_URL: redis_url,
+            hb.QUEUE: f"hbtest.{run}",
+            hb.VISIBILITY_TIMEOUT: str(VT),
+            hb.HEARTBEAT: heartbeat,
+            hb.FAST_SWEEP: "1" if fast_sweep else "0",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        self.redis_url = redis_url
+        self.logdir = logdir
+        self.app = hb.create_app(self.env)
+        self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.nodes: list[Node] = []
+
+    def spawn(self, *pools: str) -> None:
+        for n, pool in enumerate(pools, 1):
+            name = f"{self.label}{n}-{pool}-{self.prefix[-6:]}"
+            self.nodes.append(Node(name, pool, self.env, self.logdir))
+
+    def node(self, name: str) -> Node:
+        (node,) = [n for n in self.nodes if n.name == name]
+        return node
+
+    def send(self, tag: str, seconds: float, **options: Any) -> str:
+        """Publish ``hb.held``; return its task id."""
+        return str(self.app.tasks["hb.held"].apply_async((tag, seconds), **options).id)
+
+    def deliveries(self, task_id: str) -> int:
+        """How many times the nodes received ``task_id`` (a copy suppressed as a
+        duplicate does not start its body, but is received again)."""
+        return sum(node.text().count(f"hb.held[{task_id}] received") for node in self.nodes)
+
+    def starts(self, tag: str) -> list[tuple[str, float]]:
+        """(node, time) of each start of test ``tag``'s body, in order."""
+        rows = self.redis.lrange(hb.record_key(self.prefix, tag, "starts"), 0, -1)
+        return [(node, float(at)) for node, _pid, at in (row.split() for row in rows)]
+
+    def completions(self, tag: str) -> list[str]:
+        rows = self.redis.lrange(hb.record_key(self.prefix, tag, "completions"), 0, -1)
+        return [row.split()[0] for row in rows]
+
+    def release(self, tag: str, times: int = 1) -> None:
+        self.redis.rpush(hb.record_key(self.prefix, tag, "release"), *["go"] * times)
+
+    def settled(self) -> bool:
+        """Nothing queued and nothing unacked: no message can start a body any more."""
+        broker = f"{self.prefix}:broker:"
+        queue = self.env[hb.QUEUE]
+        return not self.redis.llen(broker + queue) and not self.redis.hlen(broker + "unacked")
+
+    @contextlib.contextmanager
+    def sweeping(self) -> Iterator[list[BaseException]]:
+        """Run kombu's restore sweep every 0.25 s from this process; yields its errors."""
+        errors: list[BaseException] = []
+        stopped = threading.Event()
+        options = hb.broker_options(self.env)
+
+        def run() -> None:
+            with Connection(self.redis_url, transport_options=options) as connection:
+                channel: Any = connection.default_channel
+                while not stopped.wait(0.25):
+                    try:
+                        channel.qos.restore_visible(num=None, interval=1)
+                    except Exception as exc:
+                        errors.append(exc)
+
+        thread = threading.Thread(target=run, name=f"sweeper-{self.label}", daemon=True)
+        thread.start()
+        try:
+            yield errors
+        finally:
+            stopped.set()
+            thread.join(5)
+
+    def report(self, *tags: str) -> str:
+        lines = [f"cluster {self.label}: prefix {self.prefix}"]
+        lines += [f"{tag}: starts={self.starts(tag)} done={self.completions(tag)}" for tag in tags]
+        return "\n".join([*lines, *(node.report() for node in self.nodes)])
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        delete_keys(self.redis, f"{self.prefix}:*")
+        self.redis.close()
+        self.app.close()
+
+
+@pytest.fixture(scope="module")
+def clusters(
+    integration_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, HeartbeatCluster]]:
+    """The ``on``, ``off`` and ``kill`` clusters, all nodes started together."""
+    logdir = tmp_path_factory.mktemp("heartbeat-workers")
+    made = {
+        "on": HeartbeatCluster(
+            "on", integration_redis_url, logdir, heartbeat="on", fast_sweep=True
+        ),
+        "off": HeartbeatCluster(
+            "off", integration_redis_url, logdir, heartbeat="off", fast_sweep=True
+        ),
+        "kill": HeartbeatCluster(
+            "kill", integration_redis_url, logdir, heartbeat="on", fast_sweep=False
+        ),
+    }
+    try:
+        made["on"].spawn("prefork", "solo")
+        made["off"].spawn("prefork", "prefork")
+        made["kill"].spawn("prefork", "prefork")
+        for cluster in made.values():
+            for node in cluster.nodes:
+                wait_until(node.is_ready, f"{node.name} ready", node.report, READY_TIMEOUT_S)
+        yield made
+    finally:
+        for cluster in made.values():  # all shut down at once, then waited for
+            for node in cluster.nodes:
+                node.terminate()
+        for cluster in made.values():
+            cluster.close()
+
+
+def test_tasks_held_longer_than_the_visibility_timeout_start_once_with_the_heartbeat(
+    clusters: dict[str, HeartbeatCluster],
+) -> None:
+    """12 s under a 4 s timeout, sweeps every 0.25 s: running (prefork and solo) and
+    ETA-waiting tasks each start exactly once."""
+    cluster = clusters["on"]
+    eta, first, second = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("eta", "a", "b"))
+    with cluster.sweeping() as sweep_errors:
+        ids = [
+            cluster.send(eta, 0, countdown=HELD_S),  # first, so a node still has room for it
+            cluster.send(first, HELD_S),
+            cluster.send(second, HELD_S),
+        ]
+        wait_until(
+            lambda: all(cluster.completions(tag) for tag in (eta, first, second)),
+            "three held tasks to complete",
+            lambda: cluster.report(eta, first, second),
+            timeout=HELD_S + 15,
+        )
+        wait_until(cluster.settled, "every message acked", lambda: cluster.report(eta))
+
+    report = cluster.report(eta, first, second)
+    assert sweep_errors == [], report
+    for tag, task_id in zip((eta, first, second), ids, strict=True):
+        assert len(cluster.starts(tag)) == 1, f"{tag} started more than once\n{report}"
+        assert len(cluster.completions(tag)) == 1, report
+        assert cluster.deliveries(task_id) == 1, f"{tag} delivered more than once\n{report}"
+    runners = {cluster.starts(tag)[0][0] for tag in (first, second)}
+    assert runners == {node.name for node in cluster.nodes}, report
+    prefork, solo = cluster.nodes
+    assert "visibility heartbeat every 1 s in the event loop" in prefork.text(), report
+    assert "visibility heartbeat every 1 s in a thread" in solo.text(), report
+
+
+def test_without_the_heartbeat_a_task_held_longer_than_the_timeout_starts_again(
+    clusters: dict[str, HeartbeatCluster],
+) -> None:
+    """The same task with resilience_visibility_heartbeat=False is delivered twice."""
+    cluster, tag = clusters["off"], f"off-{uuid.uuid4().hex[:6]}"
+    with cluster.sweeping():
+        cluster.send(tag, HELD_S)
+        try:
+            wait_until(
+                lambda: len(cluster.starts(tag)) >= 2,
+                "a second start",
+                lambda: cluster.report(tag),
+                timeout=HELD_S + 10,
+            )
+        finally:
+            cluster.release(tag, times=5)
+    assert "visibility heartbeat off" in cluster.nodes[0].text(), cluster.report(tag)
+
+
+def test_a_killed_nodes_task_runs_again_on_the_other_node_within_a_few_timeouts(
+    clusters: dict[str, HeartbeatCluster],
+) -> None:
+    """SIGKILL a whole node mid-task: the other node runs it again, completing once."""
+    cluster, tag = clusters["kill"], f"kill-{uuid.uuid4().hex[:6]}"
+    cluster.send(tag, 60)
+    ((victim_name, _),) = wait_until(
+        lambda: cluster.starts(tag), "the first start", lambda: cluster.report(tag)
+    )
+    time.sleep(VT / 2)  # let the victim's heartbeat run at least once
+    victim = cluster.node(victim_name)
+    victim.kill()
+    killed_at = time.time()
+    try:
+        starts = wait_until(
+            lambda: s if len(s := cluster.starts(tag)) >= 2 else None,
+            "the killed node's task to start again",
+            lambda: cluster.report(tag),
+            timeout=6 * VT,
+        )
+    finally:
+        cluster.release(tag)
+    recovery = starts[1][1] - killed_at
+    print(f"\nrecovery after SIGKILL: {recovery:.2f} s (visibility timeout {VT:g} s)")
+    wait_until(
+        lambda: cluster.completions(tag) and cluster.settled(),
+        "the task to complete and be acked",
+        lambda: cluster.report(tag),
+    )
+
+    report = cluster.report(tag)
+    assert [node for node, _ in cluster.starts(tag)] == [victim_name, starts[1][0]], report
+    assert starts[1][0] != victim_name, report
+    assert cluster.completions(tag) == [starts[1][0]], report
+    assert recovery < 6 * VT, report
