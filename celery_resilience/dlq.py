@@ -86,9 +86,10 @@ class DeadLetterQueue:
             cursor = page.cursor
 
     def get(self, entry_id: str) -> DeadLetter:
-        """Return one entry; raise :class:`UnknownEntry` if there is none."""
+        """Return one entry; raise :class:`UnknownEntry` if there is none (or it is
+        older than the retention)."""
         entry = self.backend.get(entry_id)
-        if entry is None:
+        if entry is None or entry.last_failure_at <= self._newer_than():
             raise UnknownEntry(f"no dead letter with id {entry_id!r}")
         return entry
 
@@ -205,9 +206,17 @@ def _publish(app: Any, task: Any, entry: DeadLetter) -> None:
         kwargsrepr=entry.kwargs_repr,
     )
     queue = routing.get("queue")
-    exchange = routing.get("exchange", "" if queue else app.conf.task_default_exchange)
-    routing_key = routing.get("routing_key", queue or app.conf.task_default_routing_key)
-    declare = [app.amqp.queues[queue]] if queue and queue in app.amqp.queues else []
+    if queue is None and "exchange" not in routing and "routing_key" not in routing:
+        # Nothing recorded (the task ran through apply()): the default queue, as
+        # apply_async would route it.
+        queue = app.conf.task_default_queue
+    declared = app.amqp.queues.get(queue) if queue else None
+    if declared is not None:
+        exchange, routing_key = declared.exchange.name, declared.routing_key
+    else:
+        exchange = routing.get("exchange", "")
+        routing_key = routing.get("routing_key", queue)
+    declare = [declared] if declared is not None else []
     with app.producer_or_acquire() as producer:
         producer.publish(
             entry.body.payload(),

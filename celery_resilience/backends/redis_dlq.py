@@ -41,7 +41,7 @@ local function drop(prefix, id)
     return nil
   end
   redis.call('HDEL', prefix .. ':dlq:meta', id)
-  local cut = string.find(meta, '\31', 1, true)
+  local cut = string.find(meta, '\\31', 1, true)
   local task, reason = string.sub(meta, 1, cut - 1), string.sub(meta, cut + 1)
   redis.call('ZREM', prefix .. ':dlq:t:' .. task, id)
   redis.call('ZREM', prefix .. ':dlq:r:' .. reason, id)
@@ -59,7 +59,7 @@ STORE = (
     + """
 local p, id, score, task, reason = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 redis.call('SET', p .. ':dlq:e:' .. id, ARGV[3])
-redis.call('HSET', p .. ':dlq:meta', id, task .. '\31' .. reason)
+redis.call('HSET', p .. ':dlq:meta', id, task .. '\\31' .. reason)
 redis.call('ZADD', p .. ':dlq:all', score, id)
 redis.call('ZADD', p .. ':dlq:t:' .. task, score, id)
 redis.call('ZADD', p .. ':dlq:r:' .. reason, score, id)

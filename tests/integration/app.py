@@ -12,6 +12,7 @@ test process and the worker processes share nothing else.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -31,6 +32,7 @@ BROKER_URL = "CRT_BROKER_URL"
 RESULT_URL = "CRT_RESULT_URL"
 RECORD_URL = "CRT_RECORD_URL"
 RESILIENCE_URL = "CRT_RESILIENCE_URL"
+DLQ_URL = "CRT_RESILIENCE_DLQ_URL"  # optional: the DLQ shares RESILIENCE_URL when unset
 QUEUE = "CRT_QUEUE"
 PREFIX = "CRT_PREFIX"
 
@@ -162,6 +164,8 @@ def create_app(env: Mapping[str, str]) -> Celery:
         resilience_url=env.get(RESILIENCE_URL, result_url),
         resilience_key_prefix=f"{prefix}:res",
     )
+    if env.get(DLQ_URL):
+        app.conf.resilience_dlq_url = env[DLQ_URL]
     if broker_url.startswith(("redis://", "rediss://")):
         # Queues, unacked hash and its index under this run's prefix only.
         app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:broker:"}
@@ -251,6 +255,23 @@ def create_app(env: Mapping[str, str]) -> Celery:
         """Records its start and returns ``2 * value``."""
         records.client().rpush(records.key(tag, "starts"), os.getpid())
         return 2 * value
+
+    @resilient(max_retries=2, retry_on=(ConnectionError,), backoff=QUICK_BACKOFF)
+    @app.task(bind=True, shared=False, name="crt.fails_until_fixed")
+    def fails_until_fixed(self: Any, tag: str, n: int, *, label: str) -> str:
+        """Records its arguments and retries, then fails until the test sets ``fixed``."""
+        r = records.client()
+        r.rpush(records.key(tag, "runs"), json.dumps([tag, n, label, self.request.retries]))
+        if not r.exists(records.key(tag, "fixed")):
+            raise ConnectionError(f"upstream refused {n} of {tag}")
+        return f"{label}-{n}"
+
+    @resilient
+    @app.task(shared=False, name="crt.fails_terminally")
+    def fails_terminally(tag: str) -> None:
+        """Records its start and raises an error that is never retried."""
+        records.client().rpush(records.key(tag, "starts"), os.getpid())
+        raise ValueError(f"invalid input in {tag}")
 
     return app
 

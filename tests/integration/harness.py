@@ -27,6 +27,8 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
+from celery_resilience import DeadLetter, DeadLetterQueue
+
 from . import app as app_module
 from .app import Records, create_app
 
@@ -36,6 +38,7 @@ T = TypeVar("T")
 READY_TIMEOUT_S = 30.0
 WAIT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 60.0
 _POLL_S = 0.05
 _LOG_TAIL_LINES = 80
 
@@ -168,6 +171,7 @@ class Cluster:
         logdir: Path,
         broker_url: str | None = None,
         resilience_url: str | None = None,
+        dlq_url: str | None = None,
     ) -> None:
         self.run_id = uuid.uuid4().hex[:12]
         self.prefix = f"crtest:{self.run_id}"
@@ -192,10 +196,13 @@ class Cluster:
             app_module.RESILIENCE_URL: resilience_url or redis_url,
             app_module.QUEUE: self.queue,
         }
+        if dlq_url is not None:
+            self.env[app_module.DLQ_URL] = dlq_url
         self.app: Celery = create_app(self.env)
         self.records = Records(self.prefix, redis_url)
         self.redis = self.records.client()
         self.workers: list[Worker] = []
+        self._dlq: DeadLetterQueue | None = None
 
     # -- processes -------------------------------------------------------
 
@@ -216,6 +223,8 @@ class Cluster:
                 worker.process.send_signal(signal.SIGTERM)
         for worker in self.workers:
             worker.stop()
+        if self._dlq is not None:
+            self._dlq.backend.close()
         delete_keys(self.redis, f"{self.prefix}:*")
         self.redis.close()
         if not self.broker_url.startswith(("redis://", "rediss://")):
@@ -226,7 +235,42 @@ class Cluster:
                 channel.exchange_delete(self.queue)
         self.app.close()
 
+    def celery(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run ``celery -A <the workers' app> *argv`` as a user would, with the workers' env."""
+        module = app_module.__name__
+        root = Path(app_module.__file__).resolve().parents[module.count(".")]
+        env = dict(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        return subprocess.run(
+            [sys.executable, "-m", "celery", "-A", module, *argv],
+            env=env,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+
     # -- what happened ---------------------------------------------------
+
+    @property
+    def dlq(self) -> DeadLetterQueue:
+        """The dead-letter queue of the workers' app."""
+        if self._dlq is None:
+            self._dlq = DeadLetterQueue(self.app)
+        return self._dlq
+
+    def dead_letters(self, task_id: str) -> list[DeadLetter]:
+        """The DLQ entries of ``task_id``, newest first."""
+        return [entry for entry in self.dlq.iter() if entry.task_id == task_id]
+
+    def logged(self, text: str) -> bool:
+        """Whether any worker's log file contains ``text``."""
+        return any(
+            worker.log.exists() and text in worker.log.read_text(errors="replace")
+            for worker in self.workers
+        )
 
     def send(self, task_name: str, *args: Any, **options: Any) -> AsyncResult:
         """Publish ``task_name`` through its task object, as a user would."""
