@@ -72,12 +72,14 @@ class Delivery:
             except Exception as exc:
                 self.give_up("error", exc)
         try:
-            admitted = self.admit()
+            admitted = first = self.admit()
             if admitted.holder is not None and self.free_dead_holder(admitted.holder):
                 admitted = self.admit()
         except BackendUnavailable as exc:
             self.backend_down(exc)
-        self.deliveries = admitted.deliveries
+        # After freeing a dead holder the second admit counts from 1 again (the
+        # lost deliveries are carried); the first one saw the true count.
+        self.deliveries = max(first.deliveries, admitted.deliveries)
         if admitted.deliveries > 1:
             self.emit(
                 "resilience_redelivery_seen", attempt=self.attempt, deliveries=self.deliveries

@@ -17,15 +17,23 @@ import socket
 _SEP = "|"
 
 
-@functools.lru_cache(maxsize=8)
-def _start_time(pid: int) -> str:
-    """The process' start time in clock ticks since boot (Linux), or "-" if unknown."""
+def _stat(pid: int) -> list[bytes]:
+    """Fields 3.. of /proc/<pid>/stat (Linux), or [] if unknown.
+
+    The command name (field 2) may contain spaces, so split after its ')'.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            # Field 22; the command name (field 2) may contain spaces, so split after ')'.
-            return stat.read().rsplit(b")", 1)[1].split()[19].decode()
+            return stat.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
-        return "-"
+        return []
+
+
+@functools.lru_cache(maxsize=8)
+def _start_time(pid: int) -> str:
+    """The process' start time in clock ticks since boot (field 22), or "-" if unknown."""
+    fields = _stat(pid)
+    return fields[19].decode() if len(fields) > 19 else "-"
 
 
 def new_owner(nodename: str, task_id: str) -> str:
@@ -50,8 +58,9 @@ def holder_is_dead(owner: str) -> bool:
         return True
     except PermissionError:
         pass  # exists, owned by someone else
-    if started == "-":
+    fields = _stat(pid)
+    if fields[:1] == [b"Z"]:
+        return True  # killed, not yet reaped by its parent
+    if started == "-" or len(fields) <= 19:
         return False
-    _start_time.cache_clear()
-    now = _start_time(pid)
-    return now not in ("-", started)
+    return fields[19].decode() != started

@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,18 @@ def test_reused_pid_with_another_start_time_is_dead(live_owner: str) -> None:
 def test_malformed_owner_is_not_dead() -> None:
     """An owner string from another library or version is left alone."""
     assert not holder_is_dead("somebody-else")
+
+
+def test_killed_but_unreaped_holder_is_dead() -> None:
+    """A holder killed but not yet reaped by its parent (a zombie) is dead."""
+    code = MAKE_OWNER + "; import time; time.sleep(60)"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        owner = proc.stdout.readline().strip()
+        proc.kill()
+        deadline = time.monotonic() + 10
+        stat = Path(f"/proc/{proc.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not become a zombie"
+            time.sleep(0.01)
+        assert holder_is_dead(owner)
