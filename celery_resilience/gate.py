@@ -80,7 +80,7 @@ class Delivery:
         # After freeing a dead holder the second admit counts from 1 again (the
         # lost deliveries are carried); the first one saw the true count.
         self.deliveries = max(first.deliveries, admitted.deliveries)
-        if admitted.deliveries > 1:
+        if self.deliveries > 1:
             self.emit(
                 "resilience_redelivery_seen", attempt=self.attempt, deliveries=self.deliveries
             )

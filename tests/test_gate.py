@@ -447,3 +447,27 @@ def test_lock_of_a_live_holder_is_never_overtaken(app: Celery) -> None:
 
     with pytest.raises(LockContended):
         guarded.delay(1).get()
+
+
+def test_redelivery_is_reported_when_the_dead_holder_was_itself(
+    app: Celery, events: Recorder
+) -> None:
+    """A delivery lost with its lease, freed as a dead holder, still counts as redelivered."""
+    import subprocess
+    import sys
+
+    code = "from celery_resilience.owners import new_owner; print(new_owner('n', 't'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    task_id = uuid.uuid4().hex
+    runtime(app).backend.admit(
+        task_id, 0, owner=done.stdout.strip(), lock_key="r:1", lease_ttl=30, max_crashes=3,
+        record_ttl=60,
+    )  # fmt: skip
+
+    @resilient(lock="r:{x}")
+    @app.task
+    def again(x: int) -> int:
+        return current_attempt().deliveries
+
+    assert again.apply_async((1,), task_id=task_id).get() == 2
+    assert [e["deliveries"] for e in events.of("redelivery_seen")] == [2]
