@@ -71,26 +71,26 @@ class Runtime:
         return seconds
 
 
-def build_backend(plugins: pluggy.PluginManager, settings: Settings) -> CoordinationBackend:
-    """Ask the plugins for the coordination backend of ``settings.url``."""
-    backend = plugins.hook.resilience_coordination_backend(url=settings.url, settings=settings)
+def _build(hook: Any, setting: str, url: str, settings: Settings, role: str) -> Any:
+    backend = hook(url=url, settings=settings)
     if backend is None:
         raise ConfigurationError(
-            f"setting resilience_url={mask_url(settings.url)!r}: no installed backend serves "
-            "this URL scheme (built in: memory://, redis://, rediss://)"
+            f"setting {setting}={mask_url(url)!r}: no installed {role} backend serves this "
+            "URL scheme (built in: memory://, redis://, rediss://)"
         )
-    return backend  # type: ignore[no-any-return]
+    return backend
+
+
+def build_backend(plugins: pluggy.PluginManager, settings: Settings) -> CoordinationBackend:
+    """Ask the plugins for the coordination backend of ``settings.url``."""
+    hook = plugins.hook.resilience_coordination_backend
+    return _build(hook, "resilience_url", settings.url, settings, "coordination")  # type: ignore[no-any-return]
 
 
 def build_dlq_backend(plugins: pluggy.PluginManager, settings: Settings) -> DeadLetterBackend:
     """Ask the plugins for the dead-letter queue backend of ``settings.dlq_url``."""
-    backend = plugins.hook.resilience_dlq_backend(url=settings.dlq_url, settings=settings)
-    if backend is None:
-        raise ConfigurationError(
-            f"setting resilience_dlq_url={mask_url(settings.dlq_url)!r}: no installed DLQ "
-            "backend serves this URL scheme (built in: memory://, redis://, rediss://)"
-        )
-    return backend  # type: ignore[no-any-return]
+    hook = plugins.hook.resilience_dlq_backend
+    return _build(hook, "resilience_dlq_url", settings.dlq_url, settings, "DLQ")  # type: ignore[no-any-return]
 
 
 def _countdown_cap(conf: Any, settings: Settings) -> float | None:

@@ -114,6 +114,19 @@ def connect(url: str, role: str) -> redis.Redis:
         raise ConfigurationError(f"{role} backend URL {mask_url(url)!r}: {exc}") from None
 
 
+def call(role: str, url: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one Redis operation; a redis-py error becomes ``BackendUnavailable`` naming
+    the backend ``role``, its masked ``url`` and the operation."""
+    import redis
+
+    try:
+        return fn(*args, **kwargs)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(
+            f"{role} backend {url} failed during {what}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -138,14 +151,7 @@ class RedisCoordinationBackend:
         return keys
 
     def _call(self, what: str, fn: Any, keys: list[str], args: list[Any]) -> Any:
-        import redis
-
-        try:
-            return fn(keys=keys, args=args)
-        except redis.RedisError as exc:
-            raise BackendUnavailable(
-                f"coordination backend {self.url} failed during {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+        return call("coordination", self.url, what, fn, keys=keys, args=args)
 
     def admit(
         self,

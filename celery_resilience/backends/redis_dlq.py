@@ -19,9 +19,8 @@ from celery_resilience.backends.base import (
     encode_cursor,
     score_of,
 )
-from celery_resilience.backends.redis import connect
+from celery_resilience.backends.redis import call, connect
 from celery_resilience.deadletter import DeadLetter, MalformedEntry
-from celery_resilience.errors import BackendUnavailable
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.settings import Settings
 from celery_resilience.urls import mask_url
@@ -132,14 +131,7 @@ class RedisDeadLetterBackend:
         self._purge = self._client.register_script(PURGE)
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        import redis
-
-        try:
-            return fn(*args, **kwargs)
-        except redis.RedisError as exc:
-            raise BackendUnavailable(
-                f"DLQ backend {self.url} failed during {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+        return call("DLQ", self.url, what, fn, *args, **kwargs)
 
     def _index(self, task_name: str | None, reason: str | None) -> str:
         p = self._prefix
