@@ -17,15 +17,18 @@ logger = logging.getLogger(__name__)
 def get_plugin_manager() -> pluggy.PluginManager:
     """Return this process' plugin manager, built on first call.
 
-    Built-in backends are registered as ordinary plugins, then every plugin of the
-    ``celery_resilience`` entry-point group is loaded.
+    Built-in backends and metrics exporters are registered as ordinary plugins, then
+    every plugin of the ``celery_resilience`` entry-point group is loaded.
     """
     from celery_resilience.backends import memory, memory_dlq, redis, redis_dlq
+    from celery_resilience.exporters import otel, prometheus
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for plugin in (memory, redis, memory_dlq, redis_dlq):
         pm.register(plugin, name=plugin.__name__)
+    for exporter in (prometheus, otel):
+        pm.register(exporter.exporter, name=exporter.__name__)
     pm.load_setuptools_entrypoints(hookspecs.PROJECT)
     return pm
 

@@ -145,6 +145,7 @@ def install(app: Any, *, validate: bool = True) -> None:
         from celery_resilience.worker import ResilienceBootstep
 
         app.steps["worker"].add(ResilienceBootstep)
+        app.steps["worker"].add("celery_resilience.exporters:MetricsBootstep")
         app.steps["consumer"].add(VisibilityHeartbeat)
         app._celery_resilience_installed = True
     if validate:

@@ -29,6 +29,7 @@ class Settings:
     dlq_max_entries: int = 10_000
     visibility_heartbeat: bool | None = None
     prometheus_port: int | None = None
+    prometheus_addr: str = "0.0.0.0"
     dlq_mask_args: tuple[str, ...] = ()
     dlq_replay_rate: float = 50.0
     url_is_default: bool = False
@@ -109,6 +110,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "dlq_max_entries": _as_int(1),
     "visibility_heartbeat": _as_bool,
     "prometheus_port": _as_port,
+    "prometheus_addr": _as_text,
     "dlq_mask_args": _as_names,
     "dlq_replay_rate": _as_rate,
 }

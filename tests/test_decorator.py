@@ -40,7 +40,7 @@ def test_unbound_app_task_runs_through_the_gate(app: Celery) -> None:
     """@resilient above @app.task: delay() works and the body sees its attempt."""
 
     @resilient(lock="a:{x}")
-    @app.task
+    @app.task(shared=False)
     def plain(x: int) -> str | None:
         return current_attempt().lock_key
 
@@ -52,7 +52,7 @@ def test_bound_task_with_custom_base_keeps_both(app: Celery) -> None:
     """bind=True and base= keep working: self is the task, the base's __call__ runs."""
 
     @resilient(lock="b:{x}")
-    @app.task(bind=True, base=AuditedTask)
+    @app.task(bind=True, base=AuditedTask, shared=False)
     def bound(self: Task, x: int) -> tuple[str, str | None]:
         return self.name, current_attempt().lock_key
 
@@ -78,7 +78,7 @@ def test_task_on_finalized_app_is_made_resilient(app: Celery) -> None:
     app.finalize()
 
     @resilient(lock="f:{z}")
-    @app.task
+    @app.task(shared=False)
     def late(z: int) -> str | None:
         return current_attempt().lock_key
 
@@ -89,7 +89,7 @@ def test_signatures_chains_and_groups_keep_working(app: Celery) -> None:
     """.s(), chains and groups of resilient tasks behave as plain Celery."""
 
     @resilient(lock="add:{x}")
-    @app.task
+    @app.task(shared=False)
     def add(x: int, y: int) -> int:
         return x + y
 
@@ -102,10 +102,10 @@ def test_delivery_options_are_set_per_task_not_globally(app: Celery) -> None:
     """acks_late and reject_on_worker_lost go on the resilient task only."""
 
     @resilient()
-    @app.task
+    @app.task(shared=False)
     def safe() -> None: ...
 
-    @app.task
+    @app.task(shared=False)
     def ordinary() -> None: ...
 
     assert (safe.acks_late, safe.reject_on_worker_lost) == (True, True)
@@ -117,11 +117,11 @@ def test_explicit_max_retries_wins_over_task_option_and_setting(app: Celery) -> 
     """max_retries: @resilient's, else @app.task's, else resilience_max_retries."""
 
     @resilient(max_retries=4)
-    @app.task(max_retries=1)
+    @app.task(max_retries=1, shared=False)
     def explicit() -> None: ...
 
     @resilient()
-    @app.task(max_retries=2)
+    @app.task(max_retries=2, shared=False)
     def from_task() -> None: ...
 
     assert explicit.max_retries == 4
@@ -171,7 +171,7 @@ def test_bad_option_fails_at_decoration(
     with pytest.raises(ConfigurationError, match=named):
 
         @resilient(**options)  # type: ignore[arg-type]
-        @app.task
+        @app.task(shared=False)
         def task(x: int) -> None: ...
 
 
@@ -180,7 +180,7 @@ def test_decorating_does_not_load_configuration(app: Celery) -> None:
     app.conf.resilience_lock_ttl = "soon"
 
     @resilient()
-    @app.task
+    @app.task(shared=False)
     def later() -> None: ...
 
     from celery_resilience import install

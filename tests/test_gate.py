@@ -57,7 +57,7 @@ def test_flaky_task_is_retried_with_backoff_until_it_succeeds(
     seen: list[int] = []
 
     @resilient(max_retries=5, retry_on=(ConnectionError,), backoff=FAST)
-    @app.task(bind=True)
+    @app.task(bind=True, shared=False)
     def flaky(self: Task, x: int) -> int:
         seen.append(self.request.retries)
         if len(seen) < 3:
@@ -76,7 +76,7 @@ def test_exhausted_retries_fail_with_the_original_exception(app: Celery, events:
     runs: list[int] = []
 
     @resilient(max_retries=2, retry_on=(TimeoutError,), backoff=FAST)
-    @app.task
+    @app.task(shared=False)
     def always_times_out(n: int) -> None:
         runs.append(n)
         raise TimeoutError(f"gave up on {n}")
@@ -98,7 +98,7 @@ def test_error_outside_retry_on_is_terminal(app: Celery, events: Recorder) -> No
     runs: list[int] = []
 
     @resilient(max_retries=5, retry_on=(ConnectionError,), backoff=FAST)
-    @app.task
+    @app.task(shared=False)
     def broken() -> None:
         runs.append(1)
         raise KeyError("nope")
@@ -116,7 +116,7 @@ def test_contended_lock_never_runs_the_body_and_counts_against_retries(
     ran: list[int] = []
 
     @resilient(max_retries=2, lock="upload:{repoid}", backoff=FAST)
-    @app.task
+    @app.task(shared=False)
     def upload(repoid: int) -> None:
         ran.append(repoid)
 
@@ -141,7 +141,7 @@ def test_contended_retry_waits_the_shorter_of_lease_and_backoff(
     """The countdown after contention is min(remaining lease, backoff)."""
 
     @resilient(max_retries=1, lock="k:{x}", backoff=Backoff(base=100, jitter="none"))
-    @app.task
+    @app.task(shared=False)
     def locked(x: int) -> None:
         pass
 
@@ -178,7 +178,7 @@ def test_lock_is_checked_on_every_delivery_not_only_the_first(app: Celery) -> No
                 )
 
     @resilient(max_retries=3, lock="k:{x}", retry_on=(ConnectionError,), backoff=FAST)
-    @app.task(bind=True)
+    @app.task(bind=True, shared=False)
     def retried(self: Task, x: int) -> None:
         ran.append(self.request.retries)
         raise ConnectionError("attempt fails")
@@ -198,7 +198,7 @@ def test_redelivered_succeeded_task_is_suppressed_not_rerun(app: Celery, events:
     runs: list[int] = []
 
     @resilient()
-    @app.task
+    @app.task(shared=False)
     def once(x: int) -> int:
         runs.append(x)
         return x
@@ -216,7 +216,7 @@ def test_attempt_lost_max_crashes_times_is_not_run_again(app: Celery, events: Re
     runs: list[int] = []
 
     @resilient(max_crashes=2)
-    @app.task
+    @app.task(shared=False)
     def poison() -> None:
         runs.append(1)
 
@@ -240,7 +240,7 @@ def test_one_lost_delivery_reruns_and_is_reported(app: Celery, events: Recorder)
     """A redelivery within the budget runs and is reported as seen."""
 
     @resilient(max_crashes=3)
-    @app.task
+    @app.task(shared=False)
     def survivor() -> str:
         return f"deliveries={current_attempt().deliveries}"
 
@@ -256,7 +256,7 @@ def test_current_attempt_exposes_key_and_increasing_fencing_tokens(app: Celery) 
     """The body reads its lock key (defaults and kwargs applied) and fencing token."""
 
     @resilient(lock="report:{account}:{period}")
-    @app.task
+    @app.task(shared=False)
     def report(account: int, period: str = "monthly") -> tuple[str | None, int | None]:
         attempt = current_attempt()
         return attempt.lock_key, attempt.fencing_token
@@ -275,7 +275,7 @@ def test_lock_callable_renders_the_key(app: Celery) -> None:
     """lock= may be a callable (args, kwargs) -> str."""
 
     @resilient(lock=lambda args, kwargs: f"sum:{sum(args)}")
-    @app.task
+    @app.task(shared=False)
     def add(a: int, b: int) -> str | None:
         return current_attempt().lock_key
 
@@ -286,7 +286,7 @@ def test_users_own_retry_is_honoured_and_counted(app: Celery, events: Recorder) 
     """self.retry() in the body retries as Celery does and is reported as requested."""
 
     @resilient(max_retries=3)
-    @app.task(bind=True)
+    @app.task(bind=True, shared=False)
     def manual(self: Task) -> int:
         if self.request.retries < 2:
             raise self.retry(countdown=0.01)
@@ -303,7 +303,7 @@ def test_lease_is_renewed_while_a_long_body_runs(app: Celery) -> None:
     contended: list[Admission] = []
 
     @resilient(lock="long:{x}", lock_ttl=0.3)
-    @app.task
+    @app.task(shared=False)
     def long_body(x: int) -> int | None:
         started.set()
         time.sleep(1.2)
@@ -346,7 +346,7 @@ def test_failing_observer_never_fails_the_task(app: Celery, events: Recorder) ->
     try:
 
         @resilient(max_retries=2, retry_on=(ValueError,), backoff=FAST)
-        @app.task(bind=True)
+        @app.task(bind=True, shared=False)
         def flaky(self: Task) -> str:
             if not self.request.retries:
                 raise ValueError("once")
@@ -362,7 +362,7 @@ def test_direct_call_runs_the_body_without_the_gate(app: Celery) -> None:
     """Calling the task like a function is a function call, as in plain Celery."""
 
     @resilient(lock="d:{x}")
-    @app.task
+    @app.task(shared=False)
     def direct(x: int) -> int:
         return x * 3
 
@@ -378,7 +378,7 @@ def test_default_max_retries_comes_from_settings(app: Celery, events: Recorder) 
     runs: list[int] = []
 
     @resilient(retry_on=(ValueError,), backoff=FAST)
-    @app.task
+    @app.task(shared=False)
     def fails() -> None:
         runs.append(1)
         raise ValueError("x")
@@ -404,7 +404,7 @@ def test_countdown_without_heartbeat_stays_under_half_the_visibility_timeout(
     )
 
     @resilient(max_retries=1, retry_on=(ValueError,), backoff=Backoff(base=60, jitter="none"))
-    @app.task
+    @app.task(shared=False)
     def slow_retry() -> None:
         raise ValueError("again")
 
@@ -426,7 +426,7 @@ def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: Re
     )
 
     @resilient(max_retries=0, lock="d:{x}")
-    @app.task
+    @app.task(shared=False)
     def guarded(x: int) -> int | None:
         return current_attempt().fencing_token
 
@@ -442,7 +442,7 @@ def test_lock_of_a_live_holder_is_never_overtaken(app: Celery) -> None:
     )
 
     @resilient(max_retries=0, lock="l:{x}")
-    @app.task
+    @app.task(shared=False)
     def guarded(x: int) -> None: ...
 
     with pytest.raises(LockContended):
@@ -465,7 +465,7 @@ def test_redelivery_is_reported_when_the_dead_holder_was_itself(
     )  # fmt: skip
 
     @resilient(lock="r:{x}")
-    @app.task
+    @app.task(shared=False)
     def again(x: int) -> int:
         return current_attempt().deliveries
 
