@@ -1,0 +1,131 @@
+"""Worker-death recovery with a RabbitMQ broker (Redis for results and coordination).
+
+The guarantees of ``test_redis_broker.py`` on the other broker: RabbitMQ requeues a
+rejected message itself (``reject_on_worker_lost``) and redelivers with its
+``redelivered`` flag set, so the gate's counters, not kombu's emulated acks, are what
+stop a poison message and suppress a duplicate here.
+
+RabbitMQ does not tell a client how many messages are delivered but unacked, so
+"settled" here means: no message of the queue is ready, and after a grace period the
+body did not start again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from celery.result import AsyncResult
+
+from celery_resilience import CrashBudgetExceeded
+
+from .harness import Cluster, wait_until
+
+pytestmark = pytest.mark.integration
+
+# Long enough for a stray requeued copy to be delivered and started on an idle node.
+GRACE_S = 1.0
+
+
+def ready_messages(cluster: Cluster) -> int:
+    """Messages waiting in the cluster's RabbitMQ queue (not counting unacked ones)."""
+    with cluster.app.connection_for_write() as connection:
+        declared = connection.default_channel.queue_declare(cluster.queue, passive=True)
+        return int(declared.message_count)
+
+
+def settle(cluster: Cluster, tag: str, *results: AsyncResult) -> None:
+    """Wait until the queue is empty, then make sure no body of ``tag`` starts any more."""
+    wait_until(
+        lambda: ready_messages(cluster) == 0,
+        "the RabbitMQ queue to be empty",
+        lambda: cluster.report(*results),
+    )
+    before = cluster.starts(tag)
+    time.sleep(GRACE_S)
+    after = cluster.starts(tag)
+    assert after == before, (
+        f"the body started again after the outcome: {before} -> {after}\n"
+        + cluster.report(*results)
+    )
+    assert ready_messages(cluster) == 0, cluster.report(*results)
+
+
+def test_a_child_killed_mid_task_runs_the_task_again_to_one_completion_on_rabbitmq(
+    amqp_cluster: Cluster,
+) -> None:
+    """A pool child SIGKILLed mid-task: RabbitMQ redelivers, the task runs again, once."""
+    cluster, tag = amqp_cluster, amqp_cluster.tag()
+    result = cluster.send("crt.blocks_until_released", tag)
+    try:
+        (victim,) = cluster.wait_for_starts(tag, 1, result)
+        os.kill(int(victim), signal.SIGKILL)
+        cluster.wait_for_starts(tag, 2, result)
+    finally:
+        cluster.release(tag)
+    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the killed task")
+    settle(cluster, tag, result)
+
+    report = cluster.report(result)
+    assert state == "SUCCESS", report
+    assert result.result == "released", report
+    starts = cluster.starts(tag)
+    assert len(starts) == 2, f"body started {len(starts)} times: {starts}\n{report}"
+    assert starts[0] == victim, report
+    assert starts[1] != victim, report
+    assert cluster.records_of(tag, "completions") == [starts[1]], report
+    events = cluster.events(result.id)
+    assert events.count("redelivery_seen") == 1, report
+    assert "duplicate_suppressed" not in events, report
+    assert cluster.dead_letters(result.id) == [], report
+
+
+def test_a_task_that_kills_its_worker_every_time_stops_after_the_crash_budget_on_rabbitmq(
+    amqp_cluster: Cluster,
+) -> None:
+    """A poison message runs max_crashes=3 times, then FAILURE and one worker_lost entry."""
+    cluster, tag = amqp_cluster, amqp_cluster.tag()
+    result = cluster.send("crt.kills_its_worker", tag)
+    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the poison message")
+    settle(cluster, tag, result)
+
+    report = cluster.report(result)
+    assert state == "FAILURE", report
+    assert isinstance(result.result, CrashBudgetExceeded), report
+    assert "max_crashes=3" in str(result.result), report
+    starts = cluster.starts(tag)
+    assert len(starts) == 3, f"body started {len(starts)} times: {starts}\n{report}"
+    assert len(set(starts)) == 3, f"each start should be in a fresh child: {starts}\n{report}"
+    assert cluster.events(result.id)[-2:] == ["crash_budget_spent", "gave_up:worker_lost"], report
+    entries = cluster.dead_letters(result.id)
+    assert len(entries) == 1, f"{entries}\n{report}"
+    (entry,) = entries
+    assert entry.reason == "worker_lost", report
+    assert entry.task_name == "crt.kills_its_worker", report
+    assert entry.exception_type.endswith("CrashBudgetExceeded"), report
+    assert entry.deliveries == 4, report  # three lost, the fourth gave up
+    assert entry.queue == cluster.queue, report
+
+
+def test_a_redelivered_copy_of_a_succeeded_task_is_acked_without_running_on_rabbitmq(
+    amqp_cluster: Cluster,
+) -> None:
+    """A second message with a succeeded task's id is suppressed: body not run, result kept."""
+    cluster, tag = amqp_cluster, amqp_cluster.tag()
+    first = cluster.send("crt.doubles", tag, 21)
+    assert cluster.wait_for_state(first, {"SUCCESS", "FAILURE"}, "the first run") == "SUCCESS"
+    assert first.result == 42
+
+    copy = cluster.send("crt.doubles", tag, 21, task_id=first.id)
+    assert copy.id == first.id
+    events = cluster.wait_until_event(first, "duplicate_suppressed")
+    settle(cluster, tag, first)
+
+    report = cluster.report(first)
+    assert events.count("duplicate_suppressed") == 1, report
+    assert len(cluster.starts(tag)) == 1, report
+    fresh = cluster.result(first.id)
+    assert fresh.state == "SUCCESS", report
+    assert fresh.result == 42, report
