@@ -1,0 +1,1 @@
+"""Chaos suite: real worker nodes, real signals, random kills; run by ``tox -e chaos``."""
