@@ -229,9 +229,18 @@ class DeadLetterBackend(Protocol):
         ...
 
 
+def to_score(seconds: float) -> int:
+    """A Unix time in seconds as a sort score: whole microseconds.
+
+    Microseconds keep two give-ups of one millisecond in the order they happened
+    (the cap trims the older); they still fit a Redis score (a double) exactly.
+    """
+    return int(seconds * 1_000_000)
+
+
 def score_of(entry: DeadLetter) -> int:
-    """The sort key of an entry: ``last_failure_at`` in whole milliseconds."""
-    return int(entry.last_failure_at * 1000)
+    """The sort key of an entry: ``last_failure_at`` as :func:`to_score`."""
+    return to_score(entry.last_failure_at)
 
 
 def encode_cursor(score: int, entry_id: str) -> str:

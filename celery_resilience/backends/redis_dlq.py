@@ -1,7 +1,7 @@
 """``redis://`` and ``rediss://`` dead-letter queue.
 
 Entries are JSON strings under ``{prefix}:dlq:e:{id}``, indexed by sorted sets scored
-with ``last_failure_at`` in milliseconds: all entries, per task name, per reason, and
+with ``last_failure_at`` in microseconds: all entries, per task name, per reason, and
 per (task name, reason). Writes and deletes are single Lua scripts, so an index
 never points at a half-written entry.
 """
@@ -18,6 +18,7 @@ from celery_resilience.backends.base import (
     decode_cursor,
     encode_cursor,
     score_of,
+    to_score,
 )
 from celery_resilience.backends.redis import call, connect
 from celery_resilience.deadletter import DeadLetter, MalformedEntry
@@ -50,8 +51,8 @@ end
 """
 
 # KEYS: none (all keys derive from ARGV[1]; a Cluster port must hash-tag the prefix)
-# ARGV: 1 prefix, 2 id, 3 entry JSON, 4 score ms, 5 task name, 6 reason,
-#       7 retention cutoff ms, 8 max entries per task name
+# ARGV: 1 prefix, 2 id, 3 entry JSON, 4 score (us), 5 task name, 6 reason,
+#       7 retention cutoff (us), 8 max entries per task name
 # Returns {trimmed, expired}.
 STORE = (
     _DROP
@@ -144,7 +145,7 @@ class RedisDeadLetterBackend:
         return f"{p}:dlq:all"
 
     def store(self, entry: DeadLetter, *, retention: float, max_entries: int) -> StoreResult:
-        cutoff_ms = int((entry.last_failure_at - retention) * 1000)
+        cutoff = to_score(entry.last_failure_at - retention)
         args = [
             self._prefix,
             entry.id,
@@ -152,7 +153,7 @@ class RedisDeadLetterBackend:
             score_of(entry),
             entry.task_name,
             entry.reason,
-            cutoff_ms,
+            cutoff,
             max_entries,
         ]
         trimmed, expired = self._call("store", self._store, keys=[], args=args)
@@ -172,7 +173,7 @@ class RedisDeadLetterBackend:
         newer_than: float = 0.0,
     ) -> Page:
         index = self._index(task_name, reason)
-        floor = f"({int(newer_than * 1000)}"
+        floor = f"({to_score(newer_than)}"
         top: str = "+inf"
         after: tuple[int, str] | None = None
         if cursor is not None:
@@ -219,7 +220,7 @@ class RedisDeadLetterBackend:
         self, *, task_name: str | None = None, reason: str | None = None, newer_than: float = 0.0
     ) -> int:
         index = self._index(task_name, reason)
-        floor = f"({int(newer_than * 1000)}"
+        floor = f"({to_score(newer_than)}"
         return int(self._call("count", self._client.zcount, index, floor, "+inf"))
 
     def delete(self, entry_id: str) -> bool:

@@ -32,6 +32,7 @@ from celery_resilience.backends.base import (
     decode_cursor,
     encode_cursor,
     score_of,
+    to_score,
 )
 from celery_resilience.deadletter import DeadLetter, MalformedEntry
 from celery_resilience.errors import BackendUnavailable
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id        TEXT PRIMARY KEY,
     task_name TEXT NOT NULL,
     reason    TEXT NOT NULL,
-    score     INTEGER NOT NULL,  -- last_failure_at in ms: the sort key (base.score_of)
+    score     INTEGER NOT NULL,  -- last_failure_at in us: the sort key (base.score_of)
     entry     TEXT NOT NULL      -- DeadLetter.to_json()
 );
 CREATE INDEX IF NOT EXISTS dead_letters_newest ON dead_letters (score, id);
@@ -99,7 +100,7 @@ class SQLiteDeadLetterBackend:
                 "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?)",
                 (entry.id, entry.task_name, entry.reason, score_of(entry), entry.to_json()),
             )
-            cutoff = int((time.time() - retention) * 1000)
+            cutoff = to_score(time.time() - retention)
             expired = db.execute("DELETE FROM dead_letters WHERE score <= ?", (cutoff,)).rowcount
             # Every entry of this task name past the newest max_entries.
             trimmed = db.execute(
@@ -119,7 +120,7 @@ class SQLiteDeadLetterBackend:
         task_name: str | None, reason: str | None, newer_than: float
     ) -> tuple[str, list[Any]]:
         clauses: list[str] = ["score > ?"]
-        params: list[Any] = [int(newer_than * 1000)]
+        params: list[Any] = [to_score(newer_than)]
         if task_name is not None:
             clauses.append("task_name = ?")
             params.append(task_name)
