@@ -224,17 +224,13 @@ class RedisDeadLetterBackend:
         return int(self._call("count", self._client.zcount, index, floor, "+inf"))
 
     def delete(self, entry_id: str) -> bool:
-        return bool(
-            self._call("delete", lambda: self._delete(keys=[], args=[self._prefix, entry_id]))
-        )
+        return bool(self._call("delete", self._delete, keys=[], args=[self._prefix, entry_id]))
 
     def purge(self, *, task_name: str | None = None) -> int:
         index = self._index(task_name, None)
         total = 0
         while True:
-            n = int(
-                self._call("purge", lambda: self._purge(keys=[], args=[self._prefix, index, 1000]))
-            )
+            n = int(self._call("purge", self._purge, keys=[], args=[self._prefix, index, 1000]))
             total += n
             if n == 0:
                 return total
