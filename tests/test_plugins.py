@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pluggy
 import pytest
 from celery import Celery
 
-from celery_resilience import ConfigurationError, get_plugin_manager, hookspecs, resilient
+from celery_resilience import (
+    ConfigurationError,
+    DeadLetterQueue,
+    get_plugin_manager,
+    hookspecs,
+    resilient,
+)
 from celery_resilience.runtime import runtime
 
 
-@pytest.fixture
-def entry_point_plugin(tmp_path: Path) -> Iterator[None]:
-    """Install tests.plugins.custom_backend through a real entry point, as pip would."""
-    dist = tmp_path / "celery_resilience_custom-1.0.dist-info"
+@contextmanager
+def entry_point(tmp_path: Path, name: str, module: str) -> Iterator[None]:
+    """Install ``module`` as plugin ``name`` of the celery_resilience group, as pip would."""
+    dist = tmp_path / f"celery_resilience_{name}-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: celery-resilience-custom\nVersion: 1.0\n"
+        f"Metadata-Version: 2.1\nName: celery-resilience-{name}\nVersion: 1.0\n"
     )
-    (dist / "entry_points.txt").write_text(
-        "[celery_resilience]\ncustom = tests.plugins.custom_backend\n"
-    )
+    (dist / "entry_points.txt").write_text(f"[celery_resilience]\n{name} = {module}\n")
     sys.path.insert(0, str(tmp_path))
     get_plugin_manager.cache_clear()
     try:
@@ -33,6 +39,13 @@ def entry_point_plugin(tmp_path: Path) -> Iterator[None]:
     finally:
         sys.path.remove(str(tmp_path))
         get_plugin_manager.cache_clear()
+
+
+@pytest.fixture
+def entry_point_plugin(tmp_path: Path) -> Iterator[None]:
+    """Install tests.plugins.custom_backend through a real entry point."""
+    with entry_point(tmp_path, "custom", "tests.plugins.custom_backend"):
+        yield
 
 
 def test_every_hook_is_prefixed_and_documented() -> None:
@@ -53,7 +66,9 @@ def test_builtin_backends_are_ordinary_plugins() -> None:
     assert isinstance(pm, pluggy.PluginManager)
 
 
-def test_entry_point_plugin_provides_a_backend_for_its_scheme(entry_point_plugin: None) -> None:
+def test_resilience_coordination_backend_of_an_entry_point_plugin_serves_its_scheme(
+    entry_point_plugin: None,
+) -> None:
     """A plugin in the celery_resilience entry-point group serves its URL scheme."""
     from tests.plugins import custom_backend
 
@@ -81,3 +96,37 @@ def test_unknown_scheme_is_a_configuration_error_naming_the_setting() -> None:
 
     with pytest.raises(ConfigurationError, match=r"resilience_url='nosuch://u:\*\*@host/0'"):
         hello.delay().get()
+
+
+def test_resilience_dlq_backend_of_an_entry_point_plugin_keeps_the_dead_letters(
+    tmp_path: Path,
+) -> None:
+    """The example SQLite plugin, installed by entry point, stores what a task gave up."""
+    from tests.plugins import sqlite_dlq
+
+    db = tmp_path / "dlq.db"
+    app = Celery(f"p{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(
+        task_always_eager=True,
+        resilience_url=f"memory://p{uuid.uuid4().hex[:6]}",
+        resilience_dlq_url=f"sqlite:///{db}",
+    )
+
+    @resilient
+    @app.task(shared=False)
+    def fails(n: int) -> None:
+        raise ValueError(f"bad {n}")
+
+    with entry_point(tmp_path, "sqlite_dlq", "tests.plugins.sqlite_dlq"):
+        result = fails.delay(3)
+        with pytest.raises(ValueError, match="bad 3"):
+            result.get()
+        rt = runtime(app)
+        assert isinstance(rt.dlq, sqlite_dlq.SQLiteDeadLetterBackend)
+        (entry,) = DeadLetterQueue(app).list().entries
+        assert (entry.task_id, entry.reason, entry.args) == (result.id, "error", [3])
+        rt.dlq.close()
+        rt.backend.close()
+    with closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT id, task_name FROM dead_letters").fetchall()
+    assert rows == [(entry.id, fails.name)]

@@ -1,0 +1,376 @@
+"""Every observer hook, triggered through the library as a user's task triggers it.
+
+One test per hook spec, named after the hook: tests/test_hooks_documented.py finds
+them by name and fails when a hook has none. Tasks run eagerly (Celery's own
+tracer) on the in-memory backends, so these run without any service; the same
+paths against real Redis and real workers are in tests/test_gate.py,
+tests/test_dlq.py and tests/integration. The provider hooks are exercised through
+real entry points in tests/test_plugins.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, Task
+
+from celery_resilience import (
+    Backoff,
+    CrashBudgetExceeded,
+    DeadLetter,
+    DeadLetterQueue,
+    GiveUp,
+    LockContended,
+    get_plugin_manager,
+    hookimpl,
+    resilient,
+)
+from celery_resilience.runtime import runtime
+
+FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
+
+
+class Observer:
+    """Implements every observer hook; ``calls`` holds (hook name, arguments) in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def of(self, hook: str) -> list[dict[str, Any]]:
+        return [kwargs for name, kwargs in self.calls if name == hook]
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    @hookimpl
+    def resilience_retry_scheduled(
+        self, task_name: str, task_id: str, attempt: int, reason: str, countdown: float
+    ) -> None:
+        self.calls.append(("resilience_retry_scheduled", _args(locals())))
+
+    @hookimpl
+    def resilience_lock_contended(
+        self, task_name: str, task_id: str, lock_key: str, lease_remaining: float
+    ) -> None:
+        self.calls.append(("resilience_lock_contended", _args(locals())))
+
+    @hookimpl
+    def resilience_redelivery_seen(
+        self, task_name: str, task_id: str, attempt: int, deliveries: int
+    ) -> None:
+        self.calls.append(("resilience_redelivery_seen", _args(locals())))
+
+    @hookimpl
+    def resilience_crash_budget_spent(
+        self, task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
+    ) -> None:
+        self.calls.append(("resilience_crash_budget_spent", _args(locals())))
+
+    @hookimpl
+    def resilience_duplicate_suppressed(self, task_name: str, task_id: str) -> None:
+        self.calls.append(("resilience_duplicate_suppressed", _args(locals())))
+
+    @hookimpl
+    def resilience_task_gave_up(self, outcome: GiveUp) -> None:
+        self.calls.append(("resilience_task_gave_up", {"outcome": outcome}))
+
+    @hookimpl
+    def resilience_dead_letter_stored(self, entry: DeadLetter, trimmed: int) -> None:
+        self.calls.append(("resilience_dead_letter_stored", _args(locals())))
+
+    @hookimpl
+    def resilience_dead_letter_replayed(self, entry: DeadLetter, task_id: str) -> None:
+        self.calls.append(("resilience_dead_letter_replayed", _args(locals())))
+
+    @hookimpl
+    def resilience_dead_letter_deleted(self, entry_id: str) -> None:
+        self.calls.append(("resilience_dead_letter_deleted", _args(locals())))
+
+    @hookimpl
+    def resilience_dead_letters_purged(self, task_name: str | None, count: int) -> None:
+        self.calls.append(("resilience_dead_letters_purged", _args(locals())))
+
+
+def _args(scope: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in scope.items() if k != "self"}
+
+
+@pytest.fixture
+def observer() -> Iterator[Observer]:
+    """An Observer registered with the process' plugin manager for one test."""
+    observer = Observer()
+    pm = get_plugin_manager()
+    pm.register(observer)
+    try:
+        yield observer
+    finally:
+        pm.unregister(observer)
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    """An eager app on private in-memory backends that stores eager results (for replay)."""
+    app = Celery(f"h{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(
+        task_always_eager=True,
+        task_store_eager_result=True,
+        result_backend="cache+memory://",
+        resilience_url=f"memory://hooks-{uuid.uuid4().hex[:8]}",
+    )
+    yield app
+    rt = runtime(app)
+    rt.backend.close()
+    rt.dlq.close()
+
+
+def held_by_another(app: Celery, lock_key: str, lease_ttl: float = 30.0) -> None:
+    """Take ``lock_key`` for another (live, remote-looking) owner."""
+    runtime(app).backend.admit(
+        "other-task", 0, owner="other-host:1:1:x", lock_key=lock_key, lease_ttl=lease_ttl,
+        max_crashes=3, record_ttl=60,
+    )  # fmt: skip
+
+
+def lost_deliveries(app: Celery, task_id: str, n: int, max_crashes: int = 3) -> None:
+    """Count ``n`` deliveries of attempt 0 of ``task_id`` that never finished."""
+    for _ in range(n):
+        runtime(app).backend.admit(
+            task_id, 0, owner="dead", lock_key=None, lease_ttl=30, max_crashes=max_crashes,
+            record_ttl=60,
+        )  # fmt: skip
+
+
+def test_resilience_retry_scheduled_reports_attempt_reason_and_countdown(
+    app: Celery, observer: Observer
+) -> None:
+    """Each retry the gate publishes is reported with its attempt, reason and countdown."""
+
+    @resilient(max_retries=3, retry_on=(ConnectionError,), backoff=FAST)
+    @app.task(bind=True, shared=False)
+    def flaky(self: Task) -> str:
+        if self.request.retries < 2:
+            raise ConnectionError("upstream")
+        return "done"
+
+    result = flaky.delay()
+    assert result.get() == "done"
+    assert observer.of("resilience_retry_scheduled") == [
+        {"task_name": flaky.name, "task_id": result.id, "attempt": 0, "reason": "exception",
+         "countdown": 0.01},
+        {"task_name": flaky.name, "task_id": result.id, "attempt": 1, "reason": "exception",
+         "countdown": 0.02},
+    ]  # fmt: skip
+
+
+def test_resilience_lock_contended_names_the_key_and_the_lease_left(
+    app: Celery, observer: Observer
+) -> None:
+    """An attempt that finds its lock held reports the key and the holder's remaining lease."""
+    ran: list[int] = []
+
+    @resilient(max_retries=1, lock="report:{account}", backoff=FAST)
+    @app.task(shared=False)
+    def report(account: int) -> None:
+        ran.append(account)
+
+    held_by_another(app, "report:7", lease_ttl=20.0)
+    result = report.delay(7)
+    with pytest.raises(LockContended):
+        result.get()
+    assert ran == []
+    calls = observer.of("resilience_lock_contended")
+    assert [(c["task_name"], c["task_id"], c["lock_key"]) for c in calls] == [
+        (report.name, result.id, "report:7")
+    ] * 2
+    assert all(0 < c["lease_remaining"] <= 20.0 for c in calls)
+    retries = observer.of("resilience_retry_scheduled")
+    assert [r["reason"] for r in retries] == ["lock_contended"]
+
+
+def test_resilience_redelivery_seen_counts_the_deliveries_of_the_attempt(
+    app: Celery, observer: Observer
+) -> None:
+    """A delivery of an attempt whose earlier delivery was lost is reported, then runs."""
+
+    @resilient(max_crashes=3)
+    @app.task(shared=False)
+    def survivor() -> str:
+        return "ran"
+
+    task_id = uuid.uuid4().hex
+    lost_deliveries(app, task_id, 1)
+    assert survivor.apply_async(task_id=task_id).get() == "ran"
+    assert observer.of("resilience_redelivery_seen") == [
+        {"task_name": survivor.name, "task_id": task_id, "attempt": 0, "deliveries": 2}
+    ]
+    assert observer.of("resilience_crash_budget_spent") == []
+
+
+def test_resilience_crash_budget_spent_comes_before_the_give_up(
+    app: Celery, observer: Observer
+) -> None:
+    """max_crashes lost deliveries: reported with the budget, then a worker_lost give-up."""
+    ran: list[int] = []
+
+    @resilient(max_crashes=2)
+    @app.task(shared=False)
+    def poison() -> None:
+        ran.append(1)
+
+    task_id = uuid.uuid4().hex
+    lost_deliveries(app, task_id, 2, max_crashes=2)
+    with pytest.raises(CrashBudgetExceeded):
+        poison.apply_async(task_id=task_id).get()
+    assert ran == []
+    assert observer.of("resilience_crash_budget_spent") == [
+        {"task_name": poison.name, "task_id": task_id, "attempt": 0, "deliveries": 3,
+         "max_crashes": 2}
+    ]  # fmt: skip
+    names = observer.names()
+    assert names.index("resilience_crash_budget_spent") < names.index("resilience_task_gave_up")
+    (gave_up,) = observer.of("resilience_task_gave_up")
+    assert gave_up["outcome"].reason == "worker_lost"
+
+
+def test_resilience_duplicate_suppressed_when_a_succeeded_task_id_comes_again(
+    app: Celery, observer: Observer
+) -> None:
+    """A second delivery of a task id that succeeded is reported and does not run."""
+    runs: list[int] = []
+
+    @resilient()
+    @app.task(shared=False)
+    def once(x: int) -> int:
+        runs.append(x)
+        return x
+
+    task_id = uuid.uuid4().hex
+    assert once.apply_async((1,), task_id=task_id).get() == 1
+    assert observer.of("resilience_duplicate_suppressed") == []
+    assert once.apply_async((1,), task_id=task_id).state == "IGNORED"
+    assert runs == [1]
+    assert observer.of("resilience_duplicate_suppressed") == [
+        {"task_name": once.name, "task_id": task_id}
+    ]
+
+
+def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: Observer) -> None:
+    """Retries spent: one give-up with reason, arguments, attempts and the exception."""
+
+    @resilient(max_retries=1, retry_on=(TimeoutError,), backoff=FAST, dlq=False)
+    @app.task(shared=False)
+    def slow(n: int, *, label: str = "x") -> None:
+        raise TimeoutError(f"slow {n}")
+
+    result = slow.delay(5, label="y")
+    with pytest.raises(TimeoutError):
+        result.get()
+    (call,) = observer.of("resilience_task_gave_up")
+    outcome = call["outcome"]
+    assert isinstance(outcome, GiveUp)
+    assert (outcome.task_name, outcome.task_id, outcome.reason) == (
+        slow.name,
+        result.id,
+        "max_retries",
+    )
+    assert (outcome.args, outcome.kwargs, outcome.attempts) == ((5,), {"label": "y"}, 2)
+    assert outcome.exception_type == "builtins.TimeoutError"
+    assert "slow 5" in outcome.traceback
+    # dlq=False: the give-up is still reported, but nothing is stored.
+    assert observer.of("resilience_dead_letter_stored") == []
+
+
+def test_resilience_dead_letter_stored_reports_the_entry_and_what_the_cap_trimmed(
+    app: Celery, observer: Observer
+) -> None:
+    """Each stored dead letter is reported before the give-up, with the entries it trimmed."""
+    app.conf.resilience_dlq_max_entries = 1
+
+    @resilient
+    @app.task(shared=False)
+    def fails(n: int) -> None:
+        raise ValueError(n)
+
+    first, second = fails.delay(1), fails.delay(2)
+    calls = observer.of("resilience_dead_letter_stored")
+    assert [(c["entry"].task_id, c["entry"].reason, c["trimmed"]) for c in calls] == [
+        (first.id, "error", 0),
+        (second.id, "error", 1),
+    ]
+    (kept,) = DeadLetterQueue(app).list(task_name=fails.name).entries
+    assert calls[-1]["entry"] == kept
+    names = observer.names()
+    assert names.index("resilience_dead_letter_stored") < names.index("resilience_task_gave_up")
+
+
+def test_resilience_dead_letter_replayed_reports_the_entry_before_the_replay(
+    app: Celery, observer: Observer
+) -> None:
+    """A replay reports the entry as it was stored and the task id it published."""
+    attempts: list[int] = []
+
+    @resilient
+    @app.task(shared=False)
+    def fails_once(n: int) -> int:
+        attempts.append(n)
+        if len(attempts) == 1:
+            raise ValueError(n)
+        return n * 2
+
+    first = fails_once.delay(21)
+    dlq = DeadLetterQueue(app)
+    (entry,) = dlq.list().entries
+    replayed = dlq.replay(entry.id)
+    assert replayed.get() == 42
+    assert observer.of("resilience_dead_letter_replayed") == [{"entry": entry, "task_id": first.id}]
+    assert entry.replays == 0
+    assert dlq.count() == 0
+    # A replay removes its entry without reporting a delete.
+    assert observer.of("resilience_dead_letter_deleted") == []
+
+
+def test_resilience_dead_letter_deleted_names_the_entry(app: Celery, observer: Observer) -> None:
+    """DeadLetterQueue.delete reports the id it removed."""
+
+    @resilient
+    @app.task(shared=False)
+    def fails() -> None:
+        raise KeyError("gone")
+
+    fails.delay()
+    dlq = DeadLetterQueue(app)
+    (entry,) = dlq.list().entries
+    dlq.delete(entry.id)
+    assert observer.of("resilience_dead_letter_deleted") == [{"entry_id": entry.id}]
+    assert dlq.count() == 0
+
+
+def test_resilience_dead_letters_purged_reports_task_name_and_count(
+    app: Celery, observer: Observer
+) -> None:
+    """purge(task_name=...) and purge() each report what they removed."""
+
+    @resilient
+    @app.task(shared=False)
+    def first(n: int) -> None:
+        raise ValueError(n)
+
+    @resilient
+    @app.task(shared=False)
+    def second(n: int) -> None:
+        raise ValueError(n)
+
+    for n in range(3):
+        first.delay(n)
+    second.delay(0)
+    dlq = DeadLetterQueue(app)
+    assert dlq.purge(task_name=first.name) == 3
+    assert dlq.purge() == 1
+    assert observer.of("resilience_dead_letters_purged") == [
+        {"task_name": first.name, "count": 3},
+        {"task_name": None, "count": 1},
+    ]
+    assert observer.of("resilience_dead_letter_deleted") == []
