@@ -3,20 +3,29 @@
 kombu's Redis transport records every delivered, unacked message in the sorted set
 ``unacked_index`` scored with its delivery time, and a restore sweep pushes back to its
 queue any entry older than ``visibility_timeout``: a dead worker's messages wait that
-long, and a live worker's message held longer is delivered again. Every tick, this
-consumer boot step (in the worker's main process, where kombu's QoS lives):
+long, and a live worker's message held longer is delivered again. This consumer boot
+step (in the worker's main process, where kombu's QoS lives):
 
-1. refreshes the score of every message it holds (reserved, running, waiting for its
-   ETA: kombu's ``QoS._delivered``, less the acked) with one ``ZADD ... XX``, so a held
-   message never looks older than one tick, and an acked one is never resurrected;
-2. runs kombu's own restore sweep (``QoS.restore_visible`` under kombu's mutex), so a
-   dead worker's messages return within one visibility timeout plus one tick, also on
-   kombu versions whose own sweep scans only every ~100 s.
+1. every tick, refreshes the score of every message it holds (reserved, running,
+   waiting for its ETA: kombu's ``QoS._delivered``, less the acked) with one
+   ``ZADD ... XX`` to *half a visibility timeout ago*. A held message so never looks
+   older than ``timeout / 2 + tick`` (``3/4`` of the timeout: a quarter to spare), an
+   acked one is never resurrected, and a dead worker's refreshed messages are due
+   ``timeout / 2`` after its last tick instead of a whole timeout;
+2. every sweep interval (``timeout / 20``, 0.05-2 s), refreshes the messages received
+   since, and runs kombu's own restore sweep (``QoS.restore_visible`` under kombu's
+   mutex), so a due message returns within that interval, also on kombu versions whose
+   own sweep scans only every ~100 s;
+3. makes the consumer channel fetch reliably (:mod:`celery_resilience.fetch`), so a
+   message is recorded as unacked by the command that pops it.
 
-A tick is ``min(visibility_timeout / 4, 30 s)``. It runs on the consumer's timer (the
+A tick is ``min(visibility_timeout / 4, 30 s)``. Both run on the consumer's timer (the
 event loop of the prefork and threads pools), except under the solo pool, whose main
-thread runs the tasks and would starve the timer: there it runs in a daemon thread.
-See docs/recovery.md.
+thread runs the tasks and would starve the timer: there they run in a daemon thread.
+A worker SIGKILLed mid-task therefore has its task back on the queue after
+``timeout / 2`` to ``3/4 timeout`` plus one sweep interval, and a message received
+less than a sweep interval before the kill after one timeout at most. See
+docs/recovery.md.
 """
 
 from __future__ import annotations
@@ -30,18 +39,25 @@ from typing import Any
 from celery import bootsteps
 from celery.concurrency.solo import TaskPool as SoloPool
 
+from celery_resilience import fetch
 from celery_resilience.runtime import runtime
 
 logger = logging.getLogger(__name__)
 
 MAX_TICK = 30.0  # seconds between ticks at most, whatever the visibility timeout
 MIN_TICK = 0.05
+MAX_SWEEP = 2.0  # seconds between restore sweeps at most
 _CHUNK = 1000  # tags per ZADD
 
 
 def tick_interval(visibility_timeout: float) -> float:
     """Seconds between two heartbeats of a worker under ``visibility_timeout``."""
     return max(MIN_TICK, min(visibility_timeout / 4, MAX_TICK))
+
+
+def sweep_interval(visibility_timeout: float) -> float:
+    """Seconds between two restore sweeps of a worker under ``visibility_timeout``."""
+    return max(MIN_TICK, min(visibility_timeout / 20, MAX_SWEEP))
 
 
 def is_redis_channel(channel: Any) -> bool:
@@ -62,16 +78,18 @@ def held_tags(qos: Any) -> list[str]:
     return []  # never settled: refresh nothing this tick rather than fail
 
 
-def refresh(channel: Any) -> int:
-    """Mark every message ``channel`` holds as delivered now; return how many.
+def refresh(channel: Any, tags: list[str] | None = None) -> int:
+    """Mark ``tags`` (default: every message ``channel`` holds) as delivered half a
+    timeout ago; return how many.
 
     ``ZADD XX`` only updates entries still in the index: a message acked or restored
     meanwhile stays gone. The channel's client applies ``global_keyprefix``.
     """
-    tags = held_tags(channel.qos)
+    if tags is None:
+        tags = held_tags(channel.qos)
     if not tags:
         return 0
-    now = time.time()
+    now = time.time() - float(channel.visibility_timeout) / 2
     with channel.conn_or_acquire() as client:
         pipe = client.pipeline()
         for start in range(0, len(tags), _CHUNK):
@@ -132,13 +150,25 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         if c.connection.transport.driver_type != "redis" or not is_redis_channel(channel):
             logger.debug("celery-resilience: no visibility heartbeat: the broker is not Redis")
             return
+        reliable = fetch.install(channel)
         timeout = float(channel.visibility_timeout)
-        interval = tick_interval(timeout)
+        interval, every = tick_interval(timeout), sweep_interval(timeout)
+        next_refresh, refreshed = 0.0, set[str]()
 
         def tick() -> None:
+            nonlocal next_refresh, refreshed
             try:
                 current = c.task_consumer.channel
-                count = refresh(current)
+                if current is not channel:  # reconnected: a new channel to fetch reliably
+                    fetch.install(current)
+                held = held_tags(current.qos)
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + interval
+                    count = refresh(current, held)
+                    logger.debug("celery-resilience: heartbeat refreshed %d message(s)", count)
+                else:  # messages received since the last tick: at once, not a tick later
+                    refresh(current, [tag for tag in held if tag not in refreshed])
+                refreshed = set(held)
                 sweep(current)
             except Exception as exc:
                 logger.warning(
@@ -146,21 +176,22 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
                     type(exc).__name__,
                     exc,
                 )
-            else:
-                logger.debug("celery-resilience: heartbeat refreshed %d held message(s)", count)
 
         if isinstance(c.pool, SoloPool):  # its tasks run in this thread: no timer tick then
-            self._stop = _every(interval, tick)
+            self._stop = _every(every, tick)
             where = "a thread"
         else:
-            entry = c.timer.call_repeatedly(interval, tick)
+            entry = c.timer.call_repeatedly(every, tick)
             self._stop = lambda: c.timer.cancel(entry)
             where = "the event loop" if c.hub is not None else "the consumer's timer"
         logger.info(
-            "celery-resilience: visibility heartbeat every %g s in %s (visibility timeout %g s)",
+            "celery-resilience: visibility heartbeat every %g s, restore sweep every %g s in "
+            "%s (visibility timeout %g s, reliable fetch %s)",
             interval,
+            every,
             where,
             timeout,
+            "on" if reliable else "off",
         )
 
     def stop(self, c: Any) -> None:

@@ -16,84 +16,26 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
-from kombu import Connection, Consumer, Exchange, Producer, Queue
-from kombu.message import Message
+from kombu import Connection
 
 from celery_resilience import Backoff, resilient
 from celery_resilience.heartbeat import (
+    MAX_SWEEP,
     MAX_TICK,
     held_tags,
     is_redis_channel,
     refresh,
     sweep,
+    sweep_interval,
     tick_interval,
 )
 from celery_resilience.runtime import runtime
 from tests.recorder import Recorder, recording
+from tests.support.broker import LONG_AGO, VISIBILITY_TIMEOUT, Broker
 
 # kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
-
-VISIBILITY_TIMEOUT = 60
-LONG_AGO = 1_000.0  # a score older than any visibility timeout
-
-
-class Broker:
-    """A kombu connection to the real Redis, every key under one ``global_keyprefix``."""
-
-    def __init__(self, url: str, prefix: str, **options: Any) -> None:
-        self.url = url
-        self.options = {
-            "global_keyprefix": f"{prefix}:",
-            "visibility_timeout": VISIBILITY_TIMEOUT,
-            **options,
-        }
-        self.prefix = f"{prefix}:"
-        self.connection = Connection(url, transport_options=self.options)
-        self.channel: Any = self.connection.channel()
-        self.queue = Queue("hbq", Exchange("hbq"), routing_key="hbq")
-        self.received: list[Message] = []
-        self.consumer: Consumer | None = None
-        self.raw: redis.Redis[str] = redis.Redis.from_url(url, decode_responses=True)
-
-    def publish(self, *bodies: object) -> None:
-        producer = Producer(self.channel)
-        for body in bodies:
-            producer.publish(
-                body, exchange=self.queue.exchange, routing_key="hbq", declare=[self.queue]
-            )
-
-    def consume(self, count: int) -> list[Message]:
-        """Receive ``count`` messages, unacked, as a worker's consumer does."""
-        if self.consumer is None:
-            self.consumer = Consumer(
-                self.channel, [self.queue], callbacks=[self._on_message], no_ack=False
-            )
-            self.consumer.consume()
-        while len(self.received) < count:
-            self.connection.drain_events(timeout=5)
-        return self.received
-
-    def _on_message(self, body: object, message: Message) -> None:
-        self.received.append(message)
-
-    def key(self, name: str) -> str:
-        """The real Redis key of kombu's key ``name``."""
-        return self.prefix + name
-
-    def scores(self, index: str = "unacked_index") -> dict[str, float]:
-        return dict(self.raw.zrange(self.key(index), 0, -1, withscores=True))
-
-    def age(self, *tags: str, index: str = "unacked_index") -> None:
-        """Make ``tags`` look delivered long ago (as a restore sweep sees them)."""
-        self.raw.zadd(self.key(index), dict.fromkeys(tags, LONG_AGO), xx=True)
-
-    def close(self) -> None:
-        self.channel.qos._delivered.clear()  # do not restore at close: the test decides
-        self.connection.release()
-        self.raw.close()
 
 
 @pytest.fixture
@@ -109,21 +51,32 @@ def test_tick_is_a_quarter_of_the_visibility_timeout_and_at_most_30_s() -> None:
     assert tick_interval(3600) == MAX_TICK == 30
 
 
-def test_refresh_moves_every_held_message_to_now_under_the_global_keyprefix(
+def test_the_sweep_runs_every_twentieth_of_the_timeout_and_at_least_every_2_s() -> None:
+    assert sweep_interval(4) == pytest.approx(0.2)
+    assert sweep_interval(30) == 1.5
+    assert sweep_interval(3600) == MAX_SWEEP == 2
+
+
+def test_refresh_moves_every_held_message_to_half_a_timeout_ago_under_the_global_keyprefix(
     broker: Broker,
 ) -> None:
-    """Held (delivered, unacked) messages get score 'now' in the prefixed unacked_index."""
+    """Held messages get score 'now - timeout/2' in the prefixed unacked_index.
+
+    A live worker refreshes every quarter timeout, so its messages never reach the
+    timeout; a dead worker's are due half a timeout after its last refresh.
+    """
     broker.publish(1, 2, 3)
     messages = broker.consume(3)
     tags = [m.delivery_tag for m in messages]
     assert held_tags(broker.channel.qos) == tags
     broker.age(*tags)
 
+    half = VISIBILITY_TIMEOUT / 2
     before = time.time()
     assert refresh(broker.channel) == 3
     scores = broker.scores()
     assert set(scores) == set(tags)
-    assert all(before <= s <= time.time() for s in scores.values()), scores
+    assert all(before - half <= s <= time.time() - half for s in scores.values()), scores
     assert not broker.raw.exists("unacked_index"), "an unprefixed key was written"
 
 

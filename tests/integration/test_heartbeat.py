@@ -266,8 +266,9 @@ def test_tasks_held_longer_than_the_visibility_timeout_start_once_with_the_heart
     runners = {cluster.starts(tag)[0][0] for tag in (first, second)}
     assert runners == {node.name for node in cluster.nodes}, report
     prefork, solo = cluster.nodes
-    assert "visibility heartbeat every 1 s in the event loop" in prefork.text(), report
-    assert "visibility heartbeat every 1 s in a thread" in solo.text(), report
+    started = "visibility heartbeat every 1 s, restore sweep every 0.2 s in"
+    assert f"{started} the event loop (visibility timeout 4 s, reliable fetch on)" in prefork.text()
+    assert f"{started} a thread (visibility timeout 4 s, reliable fetch on)" in solo.text()
 
 
 def test_without_the_heartbeat_a_task_held_longer_than_the_timeout_starts_again(

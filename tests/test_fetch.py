@@ -1,0 +1,162 @@
+"""Reliable fetch on a real Redis broker: a popped message is always restorable.
+
+The consumer here is a kombu connection consuming with ``no_ack=False`` exactly as a
+worker's consumer does; the deaths are real processes SIGKILLed right after their
+fetch command ran on the server and before they read its reply, the window in which
+kombu's own ``BRPOP`` loses the message (celery/celery#7950).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from kombu import Consumer, Exchange, Producer, Queue
+from kombu.message import Message
+
+from celery_resilience import fetch
+from celery_resilience.heartbeat import sweep
+from tests.support.broker import Broker
+
+# kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
+pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
+
+
+@pytest.fixture
+def broker(redis_url: str, key_prefix: str) -> Iterator[Broker]:
+    b = Broker(redis_url, key_prefix)
+    assert fetch.install(b.channel)
+    yield b
+    b.close()
+
+
+def test_messages_arrive_in_order_and_are_recorded_as_unacked_by_the_fetch(
+    broker: Broker,
+) -> None:
+    broker.publish("a", "b", "c")
+    messages = broker.consume(3)
+    assert [m.payload for m in messages] == ["a", "b", "c"]
+    tags = {m.delivery_tag for m in messages}
+    assert set(broker.scores()) == tags
+    for tag, raw in broker.raw.hgetall(broker.key("unacked")).items():
+        payload, exchange, routing_key = json.loads(raw)  # what kombu's restore reads
+        assert payload["properties"]["delivery_tag"] == tag
+        assert (exchange, routing_key) == ("hbq", "hbq")
+    assert not broker.raw.exists("unacked", "unacked_index", "hbq"), "unprefixed key written"
+    for message in messages:
+        message.ack()
+    assert broker.scores() == {}
+    assert broker.raw.hlen(broker.key("unacked")) == 0
+
+
+def test_install_is_idempotent(broker: Broker) -> None:
+    start = broker.channel._brpop_start
+    assert fetch.install(broker.channel)
+    assert broker.channel._brpop_start == start
+    broker.publish("once")
+    assert [m.payload for m in broker.consume(1)] == ["once"]
+
+
+def test_a_message_published_while_waiting_wakes_the_consumer(broker: Broker) -> None:
+    broker.publish("first")
+    broker.consume(1)  # now idle: the next poll waits on the queue
+    with pytest.raises(TimeoutError):
+        broker.connection.drain_events(timeout=1.5)
+    broker.publish("second")
+    assert [m.payload for m in broker.consume(2)] == ["first", "second"]
+
+
+def test_every_queue_of_the_consumer_is_served(broker: Broker) -> None:
+    """A second queue gets its messages although the wait blocks on the first one."""
+    other = Queue("hbq2", Exchange("hbq2"), routing_key="hbq2")
+    got: list[object] = []
+
+    def on_message(body: object, message: Message) -> None:
+        got.append(body)
+        message.ack()
+
+    consumer = Consumer(broker.channel, [broker.queue, other], callbacks=[on_message], no_ack=False)
+    consumer.consume()
+    producer = Producer(broker.channel)
+    producer.publish("to-2", exchange=other.exchange, routing_key="hbq2", declare=[other])
+    producer.publish(
+        "to-1", exchange=broker.queue.exchange, routing_key="hbq", declare=[broker.queue]
+    )
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            broker.connection.drain_events(timeout=1)
+    assert sorted(got) == ["to-1", "to-2"]  # type: ignore[type-var]
+
+
+def test_a_lost_script_cache_is_reloaded(broker: Broker) -> None:
+    broker.publish("before")
+    broker.consume(1)
+    broker.raw.script_flush()  # as after a Redis restart
+    broker.publish("after")
+    assert [m.payload for m in broker.consume(2)] == ["before", "after"]
+
+
+# Consumes with kombu as a worker does, with or without reliable fetch, but dies
+# (SIGKILL) right after its fetch command ran on the server, before reading the reply.
+_DIES_AFTER_FETCH = """
+import os, signal, sys, time
+from kombu import Connection, Consumer, Exchange, Queue
+from celery_resilience import fetch
+
+url, prefix, reliable = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+connection = Connection(url, transport_options={"global_keyprefix": prefix})
+channel = connection.channel()
+if reliable:
+    assert fetch.install(channel)
+queue = Queue("hbq", Exchange("hbq"), routing_key="hbq")
+send = channel._brpop_start
+
+def send_then_die(timeout=None):
+    send(timeout)
+    time.sleep(0.5)  # the server ran the command; its reply sits unread in the socket
+    os.kill(os.getpid(), signal.SIGKILL)
+
+channel._brpop_start = send_then_die
+with Consumer(channel, [queue], callbacks=[print], no_ack=False):
+    connection.drain_events(timeout=5)
+"""
+
+
+@pytest.mark.parametrize(("reliable", "recovered"), [(False, 0), (True, 1)])
+def test_a_consumer_killed_between_pop_and_reply(
+    redis_url: str, key_prefix: str, reliable: bool, recovered: int
+) -> None:
+    """kombu's BRPOP loses the message; reliable fetch leaves it restorable by a sweep."""
+    survivor = Broker(redis_url, key_prefix)
+    try:
+        fetch.install(survivor.channel)
+        survivor.publish("in-flight")
+        dead = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _DIES_AFTER_FETCH,
+                redis_url,
+                survivor.prefix,
+                str(int(reliable)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert dead.returncode == -9, dead.stderr
+        assert survivor.raw.llen(survivor.key("hbq")) == 0  # the dead consumer popped it
+        assert len(survivor.scores()) == recovered
+        if not recovered:
+            return  # lost: no queue, no unacked entry, nothing any sweep can restore
+        survivor.age(*survivor.scores())  # a visibility timeout passes
+        sweep(survivor.channel)
+        assert [m.payload for m in survivor.consume(1)] == ["in-flight"]
+    finally:
+        survivor.close()
