@@ -1,6 +1,6 @@
 """Exceptions raised by celery-resilience.
 
-Every error the library raises on purpose derives from :class:`ResilienceError`, so
+Every error the library raises on purpose derives from ``ResilienceError``, so
 ``except celery_resilience.ResilienceError`` catches all of them.
 """
 
@@ -38,4 +38,4 @@ class CrashBudgetExceeded(ResilienceError):
 
 
 class NoCurrentAttempt(ResilienceError, LookupError):
-    """:func:`celery_resilience.current_attempt` was called outside a resilient task body."""
+    """``celery_resilience.current_attempt()`` was called outside a resilient task body."""

@@ -1,7 +1,7 @@
 """Hook specifications: what a celery-resilience plugin can implement.
 
 Plugins register through the ``celery_resilience`` entry-point group and implement
-any of these with :data:`celery_resilience.hookimpl`. Provider hooks return a value
+any of these with ``celery_resilience.hookimpl``. Provider hooks return a value
 (the first non-``None`` result wins); observer hooks return nothing, are called after
 the event happened, and a raising observer is logged and never fails the task.
 """
@@ -90,7 +90,7 @@ def resilience_crash_budget_spent(
     """An attempt was lost with its worker ``max_crashes`` times and is not run again.
 
     The task then gives up with reason ``worker_lost``
-    (:func:`resilience_task_gave_up` follows).
+    (``resilience_task_gave_up`` follows).
     """
 
 

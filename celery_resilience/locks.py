@@ -37,7 +37,7 @@ def template_fields(template: str) -> list[str]:
 
 
 def check_template(template: str, fun: Callable[..., Any], task_name: str) -> None:
-    """Raise :class:`ConfigurationError` if ``template`` names a parameter ``fun`` lacks."""
+    """Raise ``ConfigurationError`` if ``template`` names a parameter ``fun`` lacks."""
     params = inspect.signature(fun).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for name in template_fields(template):
@@ -62,7 +62,7 @@ class LockKey:
     def render(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         """Return the key for a call with ``args`` and ``kwargs``.
 
-        Raises :class:`ConfigurationError` when the arguments do not fit the task's
+        Raises ``ConfigurationError`` when the arguments do not fit the task's
         signature or a callable returns something other than a non-empty string.
         """
         if callable(self._spec):

@@ -150,7 +150,7 @@ def load_settings(conf: Mapping[str, Any], environ: Mapping[str, str] | None = N
     """Read and validate every ``resilience_*`` setting from ``conf`` and ``environ``.
 
     ``environ`` defaults to ``os.environ``; an environment variable wins over the
-    ``app.conf`` key. Raises :class:`ConfigurationError` naming the first bad setting.
+    ``app.conf`` key. Raises ``ConfigurationError`` naming the first bad setting.
     When ``resilience_url`` is unset a ``redis://``/``rediss://`` broker URL is used,
     else ``memory://`` (``url_is_default`` tells the worker to warn about it).
     """
