@@ -76,7 +76,7 @@ def test_resilience_coordination_backend_of_an_entry_point_plugin_serves_its_sch
     app.conf.update(task_always_eager=True, resilience_url="custom://one")
 
     @resilient()
-    @app.task
+    @app.task(shared=False)
     def hello() -> str:
         return "hi"
 
@@ -91,7 +91,7 @@ def test_unknown_scheme_is_a_configuration_error_naming_the_setting() -> None:
     app.conf.update(task_always_eager=True, resilience_url="nosuch://u:pw@host/0")
 
     @resilient()
-    @app.task
+    @app.task(shared=False)
     def hello() -> None: ...
 
     with pytest.raises(ConfigurationError, match=r"resilience_url='nosuch://u:\*\*@host/0'"):
