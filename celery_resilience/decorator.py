@@ -11,6 +11,7 @@ from celery import _state as celery_state
 from celery.local import PromiseProxy, Proxy
 
 from celery_resilience.backoff import Backoff
+from celery_resilience.errors import ConfigurationError
 from celery_resilience.gate import Gate
 from celery_resilience.locks import LockSpec, check_template
 from celery_resilience.options import ResilientOptions
@@ -162,6 +163,15 @@ def make_resilient(task: Any, options: ResilientOptions) -> None:
         cls.__dict__["run"].__func__, Gate
     ):
         return
+    if "run" in vars(task):
+        # Celery's autoretry_for (celery/app/autoretry.py, 5.3-5.7) sets an instance
+        # ``run`` that calls ``_orig_run``: it would hide the gate set on the class.
+        raise ConfigurationError(
+            f"@resilient on task {task.name!r}: autoretry_for="
+            f"{getattr(task, 'autoretry_for', ())!r} is set on @app.task; Celery's "
+            "autoretry wrapper would run the body without the gate. Remove autoretry_for "
+            "and the retry_* options and use @resilient(retry_on=..., backoff=Backoff(...))"
+        )
     body = task.run
     _check_lock(options, body, task.name)
     if options.max_retries is None and cls.__dict__.get("max_retries") is not None:

@@ -136,6 +136,16 @@ def test_plain_function_is_a_type_error_saying_where_to_put_it() -> None:
         def not_a_task() -> None: ...
 
 
+def test_autoretry_for_below_resilient_is_refused_naming_the_replacement(app: Celery) -> None:
+    """Celery's autoretry wrapper would run the body without the gate: one clear error."""
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=r"autoretry_for=.*retry_on=\.\.\."):
+
+        @resilient(max_retries=2)
+        @app.task(shared=False, autoretry_for=(ValueError,))
+        def both() -> None: ...
+
+
 @pytest.mark.parametrize("declare", ["app.task", "shared_task", "finalized"])
 def test_lock_template_with_unknown_parameter_fails_at_decoration(
     app: Celery, declare: str
