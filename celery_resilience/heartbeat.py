@@ -23,7 +23,8 @@ A tick is ``min(visibility_timeout / 4, 30 s)``. Both run on the consumer's time
 event loop of the prefork and threads pools), except under the solo pool, whose main
 thread runs the tasks and would starve the timer: there they run in a daemon thread.
 A worker SIGKILLed mid-task therefore has its task back on the queue after
-``timeout / 2`` to ``3/4 timeout`` plus one sweep interval, and a message received
+``timeout / 2 - tick`` to ``timeout / 2`` plus one sweep interval (it last refreshed
+up to a tick before dying), and a message received
 less than a sweep interval before the kill after one timeout at most. See
 docs/recovery.md.
 """

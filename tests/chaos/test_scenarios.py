@@ -82,8 +82,8 @@ def test_a_node_killed_mid_task_under_a_30s_timeout_restarts_it_on_another_node_
         [
             f"recovery (SIGKILL of node -> start on {starts[1]['node']}): {recovery:.2f} s "
             f"(target {NODE_KILL_TARGET_S:g} s, hard limit {NODE_KILL_LIMIT_S:g} s; "
-            f"documented bound: timeout/2 to timeout/2 + one tick, + one sweep interval = "
-            f"{NODE_KILL_VT / 2:g}-{NODE_KILL_VT / 2 + tick + every:g} s)"
+            f"documented bound: timeout/2 - one tick to timeout/2 + one sweep interval = "
+            f"{NODE_KILL_VT / 2 - tick:g}-{NODE_KILL_VT / 2 + every:g} s)"
         ],
         recovery_s=round(recovery, 2),
         visibility_timeout_s=NODE_KILL_VT,
@@ -103,7 +103,7 @@ def test_a_25s_task_under_a_10s_visibility_timeout_with_the_fastest_sweep_starts
     chaos_clusters: Callable[..., ChaosCluster], chaos_summary: dict[str, Any]
 ) -> None:
     """The heartbeat keeps a running task's message fresh in ``unacked_index`` (never
-    older than one 2.5 s tick), so sweeps every second on both nodes never restore it:
+    older than 3/4 of the timeout), so sweeps every second on both nodes never restore it:
     one delivery, one start, one completion, though it runs 2.5 visibility timeouts."""
     cluster = chaos_clusters(
         "longtask", visibility_timeout=LONG_TASK_VT, fast_sweep=KOMBU_FAST_SWEEP
@@ -146,7 +146,8 @@ def test_a_25s_task_under_a_10s_visibility_timeout_with_the_fastest_sweep_starts
     assert len(starts) == 1, f"started {len(starts)} times\n{report}"
     assert received == 1, f"delivered {received} times\n{report}"
     assert cluster.completions() == {result.id: 1}, report
-    assert oldest < LONG_TASK_VT / 2, f"held message aged {oldest:.1f} s\n{report}"
+    # refreshed to half a timeout ago every quarter timeout: 3/4 of it at most, + scheduling
+    assert oldest < LONG_TASK_VT * 0.9, f"held message aged {oldest:.1f} s\n{report}"
     for node in cluster.nodes:
         assert (
             "visibility heartbeat every 2.5 s, restore sweep every 0.5 s in the event loop"
