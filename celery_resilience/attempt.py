@@ -1,4 +1,4 @@
-"""The attempt being run: what a task body can read with :func:`current_attempt`."""
+"""The attempt being run: what a task body can read with ``current_attempt``."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ _current: contextvars.ContextVar[Attempt] = contextvars.ContextVar("celery_resil
 def current_attempt() -> Attempt:
     """Return the attempt whose body is running in this context.
 
-    Raises :class:`~celery_resilience.errors.NoCurrentAttempt` outside a resilient
+    Raises ``celery_resilience.errors.NoCurrentAttempt`` outside a resilient
     task body.
     """
     try:

@@ -59,7 +59,7 @@ class Failure(click.ClickException):
 
 
 def _reports_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Turn any library error (and any unexpected one) into a one-line :class:`Failure`."""
+    """Turn any library error (and any unexpected one) into a one-line ``Failure``."""
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:

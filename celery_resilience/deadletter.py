@@ -92,7 +92,7 @@ class DeadLetter:
 
     @classmethod
     def from_json(cls, text: str | bytes, entry_id: str = "?") -> DeadLetter:
-        """Decode a stored entry; raise :class:`MalformedEntry` naming it if it is not one."""
+        """Decode a stored entry; raise ``MalformedEntry`` naming it if it is not one."""
         try:
             data = json.loads(text)
             if not isinstance(data, dict):

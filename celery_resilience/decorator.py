@@ -66,7 +66,7 @@ def resilient(
 
     Returns the task itself, so ``.delay()``, ``.apply_async()`` and ``.s()`` work
     unchanged. Raises ``TypeError`` when given a plain function and
-    :class:`~celery_resilience.errors.ConfigurationError` for a bad option, such as a
+    ``celery_resilience.errors.ConfigurationError`` for a bad option, such as a
     lock template naming a parameter the task does not have.
     """
     options = ResilientOptions(

@@ -86,7 +86,7 @@ class DeadLetterQueue:
             cursor = page.cursor
 
     def get(self, entry_id: str) -> DeadLetter:
-        """Return one entry; raise :class:`UnknownEntry` if there is none (or it is
+        """Return one entry; raise ``UnknownEntry`` if there is none (or it is
         older than the retention)."""
         entry = self.backend.get(entry_id)
         if entry is None or entry.last_failure_at <= self._newer_than():
@@ -101,9 +101,9 @@ class DeadLetterQueue:
         """Publish the entry's task again, then remove the entry; return its result.
 
         Same task id, queue, exchange and routing key, a fresh retry budget and
-        ``replays + 1``. Raises :class:`UnknownEntry`, :class:`ReplayRefused` (a task
+        ``replays + 1``. Raises ``UnknownEntry``, ``ReplayRefused`` (a task
         name this app does not know, or more than 3 replays without ``force``) or
-        :class:`ReplayFailed` (the publish failed; the entry stays).
+        ``ReplayFailed`` (the publish failed; the entry stays).
         """
         entry = self.get(entry_id)
         task = self.app.tasks.get(entry.task_name)
@@ -158,7 +158,7 @@ class DeadLetterQueue:
         return report
 
     def delete(self, entry_id: str) -> None:
-        """Remove one entry; raise :class:`UnknownEntry` if there is none."""
+        """Remove one entry; raise ``UnknownEntry`` if there is none."""
         if not self.backend.delete(entry_id):
             raise UnknownEntry(f"no dead letter with id {entry_id!r}")
         notify(self._rt.plugins, "resilience_dead_letter_deleted", entry_id=entry_id)

@@ -134,7 +134,7 @@ def _brpop_start(self: Any, timeout: float | None = None) -> None:
 
 
 def _brpop_read(self: Any, **options: Any) -> bool:
-    """Read the reply of :func:`_brpop_start`; deliver a fetched message, else ``Empty``."""
+    """Read the reply of ``_brpop_start``; deliver a fetched message, else ``Empty``."""
     from kombu.transport.virtual import Empty
     from kombu.utils import json as kombu_json
     from redis.exceptions import NoScriptError

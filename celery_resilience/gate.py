@@ -357,7 +357,7 @@ class Gate:
         self._open: dict[str, Delivery] = {}
 
     def opened(self, delivery: Delivery) -> None:
-        """Keep ``delivery`` until Celery reports its outcome to :meth:`after_return`."""
+        """Keep ``delivery`` until Celery reports its outcome to ``after_return``."""
         self._open[delivery.task_id] = delivery
 
     def after_return(self, status: str, task_id: str) -> None:

@@ -16,7 +16,7 @@ step (in the worker's main process, where kombu's QoS lives):
    since, and runs kombu's own restore sweep (``QoS.restore_visible`` under kombu's
    mutex), so a due message returns within that interval, also on kombu versions whose
    own sweep scans only every ~100 s;
-3. makes the consumer channel fetch reliably (:mod:`celery_resilience.fetch`), so a
+3. makes the consumer channel fetch reliably (``celery_resilience.fetch``), so a
    message is recorded as unacked by the command that pops it.
 
 A tick is ``min(visibility_timeout / 4, 30 s)``. Both run on the consumer's timer (the

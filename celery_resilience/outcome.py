@@ -16,7 +16,7 @@ GIVE_UP_REASONS = ("max_retries", "error", "worker_lost", "lock_contended")
 class GiveUp:
     """A terminal outcome: the task will not run again unless replayed.
 
-    ``reason`` is one of :data:`GIVE_UP_REASONS`. ``attempts`` counts the attempts
+    ``reason`` is one of ``GIVE_UP_REASONS``. ``attempts`` counts the attempts
     made (Celery's ``retries`` + 1); ``deliveries`` counts the deliveries of the
     last attempt (more than 1 after lost workers). ``traceback`` keeps at most the
     innermost 30 frames. ``failed_at`` is a Unix timestamp in seconds.

@@ -1,7 +1,7 @@
 """Per-app state: validated settings, the plugin manager and the coordination backend.
 
 Built lazily and once per process (a forked prefork child builds its own, so no
-connection crosses a fork). :func:`install` is the explicit entry point.
+connection crosses a fork). ``install`` is the explicit entry point.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ _runtimes_lock = threading.Lock()
 def runtime(app: Any) -> Runtime:
     """Return the runtime of ``app`` in this process, loading settings on first call.
 
-    Raises :class:`ConfigurationError` when a setting is invalid.
+    Raises ``ConfigurationError`` when a setting is invalid.
     """
     rt = _runtimes.get(app)
     if rt is not None and rt.pid == os.getpid():
@@ -136,7 +136,7 @@ def install(app: Any, *, validate: bool = True) -> None:
 
     Adds the worker boot step that checks settings and backends at worker start.
     With ``validate`` (the default) the settings are read and checked now, raising
-    :class:`ConfigurationError` on a bad one; ``@resilient`` installs with
+    ``ConfigurationError`` on a bad one; ``@resilient`` installs with
     ``validate=False`` so that decorating a task does not load the app's
     configuration early.
     """

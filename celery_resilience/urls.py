@@ -31,7 +31,7 @@ def mask_url(url: str) -> str:
 
 
 def url_scheme(url: str, setting: str) -> str:
-    """Return the scheme of ``url``, or raise :class:`ConfigurationError` naming ``setting``.
+    """Return the scheme of ``url``, or raise ``ConfigurationError`` naming ``setting``.
 
     A URL must have the form ``scheme://...``; the scheme is returned lower-cased.
     The error never repeats the parser's message, which can quote the password.

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 class Admission(enum.Enum):
-    """What :meth:`CoordinationBackend.admit` decided about one delivery."""
+    """What ``CoordinationBackend.admit`` decided about one delivery."""
 
     ADMITTED = "admitted"
     """Run the body: the delivery was counted and the lease (if any) is held."""
@@ -25,7 +25,7 @@ class Admission(enum.Enum):
 
 @dataclass(frozen=True)
 class AdmitResult:
-    """The answer of :meth:`CoordinationBackend.admit`.
+    """The answer of ``CoordinationBackend.admit``.
 
     ``deliveries`` counts deliveries of this task id and attempt including this one
     (0 for a duplicate; more than 1 means earlier ones were lost). ``lost`` counts
@@ -56,7 +56,7 @@ class CoordinationBackend(Protocol):
     Keys are namespaced by the backend (``resilience_key_prefix``); callers pass the
     bare task id and lock key. Every method is atomic on its own: no other caller can
     observe a half-applied result. Durations are seconds (floats). Methods raise
-    :class:`celery_resilience.errors.BackendUnavailable` when the store cannot be
+    ``celery_resilience.errors.BackendUnavailable`` when the store cannot be
     reached; they never run a task unguarded on an error.
     """
 
@@ -79,7 +79,7 @@ class CoordinationBackend(Protocol):
         In order: if ``task_id`` has a completion record, return ``DUPLICATE``
         (nothing else changes). Otherwise count the delivery of (``task_id``,
         ``attempt``), keeping the counter for ``record_ttl``; if the lost deliveries
-        (:attr:`AdmitResult.crashes`) number ``max_crashes`` or more, return
+        (``AdmitResult.crashes``) number ``max_crashes`` or more, return
         ``CRASH_BUDGET_SPENT``. Then, with a ``lock_key``, take the lease for
         ``owner`` for ``lease_ttl`` seconds unless another owner holds it: held
         means ``LOCK_CONTENDED`` with the remaining lease time; the delivery counter
@@ -169,8 +169,8 @@ class DeadLetterBackend(Protocol):
     Retention and the per-task cap are enforced when an entry is stored (no
     background job is needed); readers skip entries older than the retention they
     are given. Each method is atomic on its own. Methods raise
-    :class:`celery_resilience.errors.BackendUnavailable` when the store cannot be
-    reached, and :class:`celery_resilience.deadletter.MalformedEntry` for an entry
+    ``celery_resilience.errors.BackendUnavailable`` when the store cannot be
+    reached, and ``celery_resilience.deadletter.MalformedEntry`` for an entry
     that cannot be decoded (``list`` skips those and logs them instead).
     """
 
@@ -239,7 +239,7 @@ def to_score(seconds: float) -> int:
 
 
 def score_of(entry: DeadLetter) -> int:
-    """The sort key of an entry: ``last_failure_at`` as :func:`to_score`."""
+    """The sort key of an entry: ``last_failure_at`` as ``to_score``."""
     return to_score(entry.last_failure_at)
 
 
@@ -249,7 +249,7 @@ def encode_cursor(score: int, entry_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[int, str]:
-    """Split a cursor from :func:`encode_cursor`; raise ``ConfigurationError`` if it is not one."""
+    """Split a cursor from ``encode_cursor``; raise ``ConfigurationError`` if it is not one."""
     from celery_resilience.errors import ConfigurationError
 
     score, sep, entry_id = cursor.partition(":")

@@ -62,7 +62,7 @@ def _store_for(url: str) -> _Store:
 
 
 class MemoryCoordinationBackend:
-    """In-process :class:`~celery_resilience.backends.base.CoordinationBackend`."""
+    """In-process ``celery_resilience.backends.base.CoordinationBackend``."""
 
     def __init__(self, url: str = "memory://", key_prefix: str = "celery_resilience") -> None:
         self.url = url

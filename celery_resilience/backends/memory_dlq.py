@@ -21,7 +21,7 @@ _LOCK = threading.Lock()
 
 
 class MemoryDeadLetterBackend:
-    """In-process :class:`~celery_resilience.backends.base.DeadLetterBackend`.
+    """In-process ``celery_resilience.backends.base.DeadLetterBackend``.
 
     Backends built from the same URL in one process share their entries.
     """

@@ -132,7 +132,7 @@ def _ms(seconds: float) -> int:
 
 
 class RedisCoordinationBackend:
-    """:class:`~celery_resilience.backends.base.CoordinationBackend` on Redis."""
+    """``celery_resilience.backends.base.CoordinationBackend`` on Redis."""
 
     def __init__(self, url: str, key_prefix: str = "celery_resilience") -> None:
         self.url = mask_url(url)

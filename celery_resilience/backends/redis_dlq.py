@@ -121,7 +121,7 @@ _EVICTING = {
 
 
 class RedisDeadLetterBackend:
-    """:class:`~celery_resilience.backends.base.DeadLetterBackend` on Redis."""
+    """``celery_resilience.backends.base.DeadLetterBackend`` on Redis."""
 
     def __init__(self, url: str, key_prefix: str = "celery_resilience") -> None:
         self.url = mask_url(url)

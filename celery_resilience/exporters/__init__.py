@@ -1,12 +1,12 @@
 """Metrics exporters: built-in plugins on the observer hooks, and the worker step they need.
 
-:mod:`~celery_resilience.exporters.prometheus` and :mod:`~celery_resilience.exporters.otel`
-are ordinary plugins registered by :func:`~celery_resilience.get_plugin_manager`; a
+``celery_resilience.exporters.prometheus`` and ``celery_resilience.exporters.otel``
+are ordinary plugins registered by ``celery_resilience.get_plugin_manager``; a
 StatsD or Datadog exporter is one more module implementing the same hooks. Their
 optional dependencies are imported on first use, never when this package is imported.
 
 The hooks run where the event happens (a prefork child, an eager caller, the CLI).
-What only the worker's main process can do, :class:`MetricsBootstep` does: serve
+What only the worker's main process can do, ``MetricsBootstep`` does: serve
 Prometheus' ``/metrics`` on ``resilience_prometheus_port`` and report the number of
 dead letters. See docs/metrics.md.
 """
@@ -113,7 +113,7 @@ def resilient_task_names(app: Any) -> list[str]:
 class DeadLetterCounts:
     """Dead letters per resilient task name of one app, read at most every ``refresh`` s.
 
-    A scrape or a metric collection asks :meth:`get`; the DLQ backend sees one
+    A scrape or a metric collection asks ``get``; the DLQ backend sees one
     ``count(task_name=...)`` per task name per ``refresh`` period however often it is
     asked. An unreachable backend is logged and gives ``None`` (no samples rather than
     stale ones).

@@ -36,7 +36,7 @@ EVENT_DEAD_LETTERED = "celery_resilience.dead_lettered"
 
 
 def require_opentelemetry(why: str) -> None:
-    """Import opentelemetry-api or raise :class:`MissingExtraError` naming the extra."""
+    """Import opentelemetry-api or raise ``MissingExtraError`` naming the extra."""
     try:
         import opentelemetry.metrics
         import opentelemetry.trace  # noqa: F401
@@ -189,7 +189,7 @@ class DeadLetterGauge:
     """``celery_resilience.dlq.entries{task}``: dead letters per resilient task of an app.
 
     An observable gauge read from the DLQ backend at most every 5 s, whenever the
-    MeterProvider collects. :meth:`close` stops it reporting (OpenTelemetry cannot
+    MeterProvider collects. ``close`` stops it reporting (OpenTelemetry cannot
     remove an instrument).
     """
 

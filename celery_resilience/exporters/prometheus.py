@@ -3,7 +3,7 @@
 Metrics land in ``prometheus_client.REGISTRY`` of the process where the event happens,
 so an application that already exports Prometheus metrics gets them there. With
 ``resilience_prometheus_port`` set, the worker serves them itself, right under the
-prefork pool: :class:`MetricsServer` puts every process of the worker in
+prefork pool: ``MetricsServer`` puts every process of the worker in
 prometheus_client's multiprocess mode (one directory of memory-mapped files, summed at
 each scrape) and keeps the directory small as pool children are recycled.
 """
@@ -43,7 +43,7 @@ COMPACT_EVERY_S = 60.0
 
 
 def require_prometheus_client(why: str) -> None:
-    """Import prometheus_client or raise :class:`MissingExtraError` naming the extra."""
+    """Import prometheus_client or raise ``MissingExtraError`` naming the extra."""
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
@@ -301,10 +301,10 @@ class _Server(ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """What the worker's main process does for Prometheus when the port is set.
 
-    :meth:`prepare` runs before the pool forks a child: it chooses the multiprocess
+    ``prepare`` runs before the pool forks a child: it chooses the multiprocess
     directory (``PROMETHEUS_MULTIPROC_DIR`` when set; else a private temporary one,
     removed when the worker exits) and switches prometheus_client to multiprocess
-    mode. :meth:`start` serves ``/metrics`` and compacts the directory every minute.
+    mode. ``start`` serves ``/metrics`` and compacts the directory every minute.
     """
 
     def __init__(self, app: Any, port: int, addr: str = DEFAULT_ADDR) -> None:
