@@ -43,11 +43,13 @@ How (details in the comments of ``main`` and ``Bench.run_phase``):
   Redis server (``/proc/<pid>/task/*/schedstat``, ``INFO cpu``) shows where a
   variant's extra cost goes.
 
-Redis: the broker (and the benchmark's counters) use ``--broker-db`` (14) and the
-coordination backend ``--resilience-db`` (13). Both databases are the benchmark's own:
-they are FLUSHED at start and at exit. The worker processes are started in their own
-process groups and killed on exit, on errors, on SIGTERM and on Ctrl-C. A default run
-takes about a minute (more when phases are repeated because of other load).
+Redis: the broker, the benchmark's counters (``--broker-db``) and the coordination
+backend (``--resilience-db``) all use database 14 by default, the benchmarks' own.
+At start and at exit the script deletes only its own keys: those holding its run id
+and kombu's ``unacked*`` and ``_kombu.binding.*`` keys of that database. The worker
+processes are started in their own process groups and killed on exit, on errors, on
+SIGTERM and on Ctrl-C. A default run takes about a minute (more when phases are
+repeated because of other load).
 """
 
 from __future__ import annotations
@@ -86,13 +88,14 @@ from celery import Celery
 
 ROLE = os.environ.get("BENCH_ROLE", "driver")  # driver | plain | resilient | all
 
-VARIANTS = ("plain", "plain_acks_late", "nolock", "lock")
+VARIANTS = ("plain", "plain_acks_late", "nolock", "lock", "lock_metrics")
 TASK_NAMES = {v: f"bench.{v}" for v in VARIANTS}
 LABELS = {
     "plain": "plain @app.task (Celery defaults: acks early)",
     "plain_acks_late": "plain @app.task(acks_late=True)",
     "nolock": "@resilient() (no lock)",
     "lock": '@resilient(lock="k:{i}")',
+    "lock_metrics": '@resilient(lock="k:{i}") + prometheus port',
 }
 # Which worker runs which variant (see "One worker per role" in main()).
 WORKER_OF = {
@@ -100,6 +103,7 @@ WORKER_OF = {
     "plain_acks_late": "plain",
     "nolock": "resilient",
     "lock": "resilient",
+    "lock_metrics": "metrics",
 }
 
 # CLOCK_MONOTONIC is one clock for every process of a Linux machine, so stamps taken
@@ -120,6 +124,9 @@ def make_app(role: str, broker_url: str, resilience_url: str | None, key_prefix:
     )
     if resilience_url is not None:
         app.conf.update(resilience_url=resilience_url, resilience_key_prefix=key_prefix)
+    if role == "metrics":
+        # The Prometheus exporter on (it serves /metrics from the worker's main process).
+        app.conf.update(resilience_prometheus_port=int(os.environ["BENCH_METRICS_PORT"]))
     return app
 
 
@@ -172,13 +179,21 @@ def register_tasks(app: Celery, role: str) -> None:
         def lock(i: int, key: str, n: int) -> None:
             _done(key, n)
 
+    if role in ("metrics", "all"):
+        from celery_resilience import resilient
+
+        @resilient(lock="k:{i}")
+        @app.task(name=TASK_NAMES["lock_metrics"])
+        def lock_metrics(i: int, key: str, n: int) -> None:
+            _done(key, n)
+
 
 app: Celery | None = None
 if ROLE != "driver":
     app = make_app(
         ROLE,
         os.environ["BENCH_BROKER_URL"],
-        os.environ.get("BENCH_RESILIENCE_URL") if ROLE in ("resilient", "all") else None,
+        os.environ.get("BENCH_RESILIENCE_URL") if ROLE in ("resilient", "metrics", "all") else None,
         os.environ.get("BENCH_KEY_PREFIX", "celery_resilience"),
     )
     register_tasks(app, ROLE)
@@ -269,6 +284,7 @@ class Bench:
             BENCH_ROLE=role,
             BENCH_BROKER_URL=self.broker_url,
             BENCH_RESILIENCE_URL=self.resilience_url,
+            BENCH_METRICS_PORT=str(_free_port()),
             BENCH_KEY_PREFIX=self.key_prefix,
         )
         # The worker starts on an idle queue of its own; each measured phase adds its
@@ -467,8 +483,8 @@ class Bench:
                 if cmd in ("EVALSHA", "EVAL"):
                     cmd = f"{cmd} {shas.get(arg1, arg1[:12])}"
                 per_cmd[cmd] += 1
-            elif addr == "lua" and db == res_db:  # the resilience db is ours alone
-                inside[cmd] += 1
+            elif addr == "lua" and db == res_db and arg1.startswith(self.key_prefix):
+                inside[cmd] += 1  # a command of our scripts (kombu's touch other keys)
         if not addrs:
             raise BenchError(
                 f"no Redis connection named {self.res_client_name!r}: the coordination "
@@ -851,8 +867,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-repeats", type=int, default=10, help="repeated phases per run, at most")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (no db)")
-    p.add_argument("--broker-db", type=int, default=14, help="broker db (FLUSHED)")
-    p.add_argument("--resilience-db", type=int, default=13, help="resilience_url db (FLUSHED)")
+    p.add_argument("--broker-db", type=int, default=14, help="broker db (the benchmarks' own)")
+    p.add_argument("--resilience-db", type=int, default=14, help="resilience_url db")
     p.add_argument(
         "--single-worker",
         action="store_true",
@@ -863,10 +879,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-tasks", type=int, default=20000)
     p.add_argument("--profile-dir", help="where py-spy writes (default: a temp dir, kept)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--json-out", help="also write the JSON result to this file")
     p.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
     args = p.parse_args(argv)
-    if args.broker_db == args.resilience_db:
-        p.error("--broker-db and --resilience-db must differ")
     if args.tasks < 2 or args.rounds < 1:
         p.error("--tasks must be >= 2 and --rounds >= 1")
     return args
@@ -882,8 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     driver_app = make_app("driver", broker_url, None, key_prefix)
     r = redis.Redis.from_url(broker_url)
     r_res = redis.Redis.from_url(db_url(args.redis, args.resilience_db))
-    r.flushdb()
-    r_res.flushdb()
+    own = _own_keys(run_id, key_prefix)
+    _delete(r, own)
     workdir = tempfile.mkdtemp(prefix="celery-resilience-bench-")
     b = Bench(args, run_id, broker_url, resilience_url, key_prefix, res_client_name,
               driver_app, r, workdir)  # fmt: skip
@@ -906,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         # workers are started before anything is measured and only one consumes at a
         # time (the other waits on its idle queue). --single-worker runs everything on
         # the resilient worker instead.
-        roles = ["all"] if args.single_worker else ["plain", "resilient"]
+        roles = ["all"] if args.single_worker else ["plain", "resilient", "metrics"]
         if args.single_worker:
             for v in VARIANTS:
                 WORKER_OF[v] = "all"
@@ -979,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         if profile:
             result["profile"] = profile
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=2)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -995,10 +1013,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         b.stop_workers()
         with contextlib.suppress(redis.RedisError):
-            r.flushdb()
-            r_res.flushdb()
+            _delete(r, own)
+            _delete(r_res, own)
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _own_keys(run_id: str, key_prefix: str) -> list[str]:
+    """Key patterns this run owns: its run id, and kombu's keys in the benchmark db."""
+    return [f"*{run_id}*", f"{key_prefix}:*", "unacked", "unacked_index", "unacked_mutex",
+            "_kombu.binding.*"]  # fmt: skip
+
+
+def _delete(r: redis.Redis, patterns: list[str]) -> None:
+    for pattern in patterns:
+        keys = list(r.scan_iter(match=pattern, count=1000))
+        for k in range(0, len(keys), 500):
+            r.delete(*keys[k : k + 500])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _versions() -> dict[str, str]:
