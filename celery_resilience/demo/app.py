@@ -6,8 +6,9 @@ results, leases and dead letters live differs.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 
 from celery import Celery
 
@@ -37,17 +38,24 @@ _OVERRIDES = (
 _SETTING_PREFIX = "CELERY_RESILIENCE_"
 
 
-def isolate(environ: MutableMapping[str, str]) -> list[str]:
+@contextlib.contextmanager
+def isolated(environ: MutableMapping[str, str]) -> Iterator[list[str]]:
     """Remove from ``environ`` what would override the demo app's configuration.
 
-    Returns the names removed (sorted), so the demo can say it ignored them.
+    Yields the names removed (sorted), so the demo can say it ignored them, and puts
+    them back on exit.
     """
-    names = sorted(
-        name for name in environ if name in _OVERRIDES or name.startswith(_SETTING_PREFIX)
-    )
-    for name in names:
+    removed = {
+        name: environ[name]
+        for name in sorted(environ)
+        if name in _OVERRIDES or name.startswith(_SETTING_PREFIX)
+    }
+    for name in removed:
         del environ[name]
-    return names
+    try:
+        yield list(removed)
+    finally:
+        environ.update(removed)
 
 
 def memory_app(store: Store, crash: Callable[[str], None]) -> Celery:

@@ -22,7 +22,7 @@ from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore
 
 from celery_resilience.demo import scenarios, tasks
-from celery_resilience.demo.app import isolate, memory_app
+from celery_resilience.demo.app import isolated, memory_app
 from celery_resilience.demo.observer import PLUGIN_NAME, EventForwarder
 from celery_resilience.demo.report import Report
 from celery_resilience.demo.scenarios import Context
@@ -39,8 +39,13 @@ def run(out: TextIO, *, verbose: bool = False) -> int:
     """Run every scenario in-process, print the report to ``out``; return the exit code.
 
     0 when every scenario ended as promised, else 2 (see :meth:`Report.exit_code`).
+    The environment variables that would point the app elsewhere are ignored.
     """
-    ignored = isolate(os.environ)
+    with isolated(os.environ) as ignored:
+        return _run(out, ignored, verbose=verbose)
+
+
+def _run(out: TextIO, ignored: list[str], *, verbose: bool) -> int:
     store = MemoryStore()
     report = Report(out)
 

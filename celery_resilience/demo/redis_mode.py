@@ -27,7 +27,7 @@ from celery_resilience.demo.app import (
     PREFIX_ENV,
     REDIS_URL_ENV,
     VISIBILITY_TIMEOUT_S,
-    isolate,
+    isolated,
     redis_app,
 )
 from celery_resilience.demo.observer import PLUGIN_NAME, EventForwarder
@@ -135,8 +135,12 @@ def run(url: str, out: TextIO, *, verbose: bool = False) -> int:
     else 2 (see :meth:`Report.exit_code`).
     """
     check_url(url)
-    ignored = isolate(os.environ)
-    ping(url)
+    with isolated(os.environ) as ignored:
+        ping(url)
+        return _run(url, out, ignored, verbose=verbose)
+
+
+def _run(url: str, out: TextIO, ignored: list[str], *, verbose: bool) -> int:
     prefix = f"celery_resilience_demo:{uuid.uuid4().hex[:10]}"
     store = RedisStore(url, prefix)
     report = Report(out)
