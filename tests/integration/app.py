@@ -259,8 +259,9 @@ def create_app(env: Mapping[str, str]) -> Celery:
     @resilient(max_retries=2, retry_on=(ConnectionError,), backoff=QUICK_BACKOFF)
     @app.task(bind=True, shared=False, name="crt.fails_until_fixed")
     def fails_until_fixed(self: Any, tag: str, n: int, *, label: str) -> str:
-        """Records its arguments and retries, then fails until the test sets ``fixed``."""
+        """Records its start, arguments and retries, then fails until the test sets ``fixed``."""
         r = records.client()
+        r.rpush(records.key(tag, "starts"), os.getpid())
         r.rpush(records.key(tag, "runs"), json.dumps([tag, n, label, self.request.retries]))
         if not r.exists(records.key(tag, "fixed")):
             raise ConnectionError(f"upstream refused {n} of {tag}")

@@ -56,6 +56,18 @@ def integration_amqp_url() -> str:
     return AMQP_URL
 
 
+@pytest.fixture(scope="module", params=["redis", "amqp"])
+def broker_url(request: pytest.FixtureRequest, integration_redis_url: str) -> str:
+    """Each broker a module's clusters run on in turn: the main Redis, then RabbitMQ.
+
+    Redis stays the result, coordination and DLQ store on both; RabbitMQ being down
+    skips (or, under CI, fails) only the ``amqp`` half.
+    """
+    if request.param == "amqp":
+        return str(request.getfixturevalue("integration_amqp_url"))
+    return integration_redis_url
+
+
 @pytest.fixture(scope="session")
 def redis_server_executable() -> str:
     """The ``redis-server`` binary, for tests that run a Redis they can stop."""
@@ -114,16 +126,18 @@ def flaky_backend(
 @pytest.fixture(scope="module")
 def flaky_backend_cluster(
     integration_redis_url: str,
+    broker_url: str,
     flaky_backend: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    """One worker node whose coordination backend is ``flaky_backend``.
+    """One worker node on each broker whose coordination backend is ``flaky_backend``.
 
-    Broker and result backend stay on the main Redis, so the task and its records
-    survive the coordination backend going away.
+    The broker (the main Redis or RabbitMQ) and the result backend (the main Redis)
+    stay up, so the task and its records survive the coordination backend going away.
     """
     cluster = Cluster(
         redis_url=integration_redis_url,
+        broker_url=broker_url,
         resilience_url=flaky_backend.url,
         logdir=tmp_path_factory.mktemp("workers"),
     )

@@ -39,6 +39,8 @@ READY_TIMEOUT_S = 30.0
 WAIT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 60.0
+# RabbitMQ: long enough for a stray requeued copy to be delivered and started on an idle node.
+AMQP_GRACE_S = 1.0
 _POLL_S = 0.05
 _LOG_TAIL_LINES = 80
 
@@ -177,6 +179,8 @@ class Cluster:
         self.prefix = f"crtest:{self.run_id}"
         self.redis_url = redis_url
         self.broker_url = broker_url or redis_url
+        # RabbitMQ (anything not Redis) cannot be looked into as the Redis broker can.
+        self.amqp = not self.broker_url.startswith(("redis://", "rediss://"))
         self.queue = f"crtest.{self.run_id}"
         self.logdir = logdir
         inherited = {
@@ -227,7 +231,7 @@ class Cluster:
             self._dlq.backend.close()
         delete_keys(self.redis, f"{self.prefix}:*")
         self.redis.close()
-        if not self.broker_url.startswith(("redis://", "rediss://")):
+        if self.amqp:
             # An AMQP broker keeps the queue (and its exchange) after the workers left.
             with self.app.connection_for_write() as connection:
                 channel = connection.default_channel
@@ -305,13 +309,34 @@ class Cluster:
         """Let one ``crt.blocks_until_released`` body of test ``tag`` finish."""
         self.redis.rpush(self.records.key(tag, "release"), "go")
 
-    def wait_until_settled(self, result: AsyncResult) -> None:
-        """Wait until the broker no longer holds any message of ``result`` (acked)."""
+    def wait_until_settled(self, result: AsyncResult, tag: str | None = None) -> None:
+        """Wait until the broker no longer holds any message of ``result`` (acked).
+
+        RabbitMQ does not tell a client how many messages are delivered but unacked, so
+        there it means: no message of the queue is ready, and after a grace period no
+        body of the test ``tag`` started again (``tag`` is required on RabbitMQ).
+        """
+        if not self.amqp:
+            wait_until(
+                lambda: not self.broker_holds(result.id),
+                f"the broker to drop every message of {result.id}",
+                lambda: self.report(result),
+            )
+            return
+        if tag is None:
+            raise TypeError("wait_until_settled on RabbitMQ needs the test's tag")
         wait_until(
-            lambda: not self.broker_holds(result.id),
-            f"the broker to drop every message of {result.id}",
+            lambda: self.ready_messages() == 0,
+            "the RabbitMQ queue to be empty",
             lambda: self.report(result),
         )
+        before = self.starts(tag)
+        time.sleep(AMQP_GRACE_S)
+        after = self.starts(tag)
+        assert after == before, (
+            f"the body started again after the outcome: {before} -> {after}\n" + self.report(result)
+        )
+        assert self.ready_messages() == 0, self.report(result)
 
     def wait_until_event(self, result: AsyncResult, event: str, count: int = 1) -> list[str]:
         """Wait until ``event`` was seen ``count`` times for ``result``; return all its events."""
@@ -325,12 +350,19 @@ class Cluster:
         """The celery-resilience observer events seen for ``task_id``, in order."""
         return self.redis.lrange(self.records.events_key(task_id), 0, -1)
 
+    def ready_messages(self) -> int:
+        """Messages waiting in the cluster's RabbitMQ queue (not counting unacked ones)."""
+        with self.app.connection_for_write() as connection:
+            declared = connection.default_channel.queue_declare(self.queue, passive=True)
+            return int(declared.message_count)
+
     def broker_holds(self, task_id: str) -> bool:
         """Whether the Redis broker still has a message of ``task_id`` (queued or unacked).
 
         A message a worker just popped is in neither place for an instant, so this is
         only meaningful once the task reached its outcome and nothing is in flight.
         """
+        assert not self.amqp, "RabbitMQ does not show a client its unacked messages"
         broker = f"{self.prefix}:broker:"
         needle = json.dumps(task_id)
         with self.redis.pipeline(transaction=True) as pipe:  # one snapshot of both

@@ -7,50 +7,21 @@ stop a poison message and suppress a duplicate here.
 
 RabbitMQ does not tell a client how many messages are delivered but unacked, so
 "settled" here means: no message of the queue is ready, and after a grace period the
-body did not start again.
+body did not start again (``Cluster.wait_until_settled``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
-from celery.result import AsyncResult
 
 from celery_resilience import CrashBudgetExceeded
 
-from .harness import Cluster, wait_until
+from .harness import Cluster
 
 pytestmark = pytest.mark.integration
-
-# Long enough for a stray requeued copy to be delivered and started on an idle node.
-GRACE_S = 1.0
-
-
-def ready_messages(cluster: Cluster) -> int:
-    """Messages waiting in the cluster's RabbitMQ queue (not counting unacked ones)."""
-    with cluster.app.connection_for_write() as connection:
-        declared = connection.default_channel.queue_declare(cluster.queue, passive=True)
-        return int(declared.message_count)
-
-
-def settle(cluster: Cluster, tag: str, *results: AsyncResult) -> None:
-    """Wait until the queue is empty, then make sure no body of ``tag`` starts any more."""
-    wait_until(
-        lambda: ready_messages(cluster) == 0,
-        "the RabbitMQ queue to be empty",
-        lambda: cluster.report(*results),
-    )
-    before = cluster.starts(tag)
-    time.sleep(GRACE_S)
-    after = cluster.starts(tag)
-    assert after == before, (
-        f"the body started again after the outcome: {before} -> {after}\n"
-        + cluster.report(*results)
-    )
-    assert ready_messages(cluster) == 0, cluster.report(*results)
 
 
 def test_a_child_killed_mid_task_runs_the_task_again_to_one_completion_on_rabbitmq(
@@ -66,7 +37,7 @@ def test_a_child_killed_mid_task_runs_the_task_again_to_one_completion_on_rabbit
     finally:
         cluster.release(tag)
     state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the killed task")
-    settle(cluster, tag, result)
+    cluster.wait_until_settled(result, tag)
 
     report = cluster.report(result)
     assert state == "SUCCESS", report
@@ -89,7 +60,7 @@ def test_a_task_that_kills_its_worker_every_time_stops_after_the_crash_budget_on
     cluster, tag = amqp_cluster, amqp_cluster.tag()
     result = cluster.send("crt.kills_its_worker", tag)
     state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the poison message")
-    settle(cluster, tag, result)
+    cluster.wait_until_settled(result, tag)
 
     report = cluster.report(result)
     assert state == "FAILURE", report
@@ -121,7 +92,7 @@ def test_a_redelivered_copy_of_a_succeeded_task_is_acked_without_running_on_rabb
     copy = cluster.send("crt.doubles", tag, 21, task_id=first.id)
     assert copy.id == first.id
     events = cluster.wait_until_event(first, "duplicate_suppressed")
-    settle(cluster, tag, first)
+    cluster.wait_until_settled(first, tag)
 
     report = cluster.report(first)
     assert events.count("duplicate_suppressed") == 1, report

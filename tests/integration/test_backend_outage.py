@@ -1,7 +1,8 @@
 """The coordination backend (a private redis-server) going away under a running worker.
 
-Broker and result backend stay on the main Redis; only ``resilience_url`` points at the
-Redis this module stops and restarts.
+Run on each broker (the ``broker_url`` fixture): a Redis broker, then RabbitMQ. The
+result backend stays on the main Redis; only ``resilience_url`` points at the Redis
+this module stops and restarts.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def test_a_task_never_runs_unguarded_while_the_coordination_backend_is_down(
         flaky_backend.start()
 
     state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the task after the outage")
-    cluster.wait_until_settled(result)
+    cluster.wait_until_settled(result, tag)
     report = cluster.report(result)
     assert state == "SUCCESS", report
     assert result.result == 42, report
