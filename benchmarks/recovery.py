@@ -11,7 +11,7 @@ messages), and measured with a cap instead of waiting out hour-long defaults:
 
 - **child kill**: a task runs for 6 s; 1 s in, its pool child gets SIGKILL. Measured:
   seconds from the kill until the task's body starts again (on the same worker).
-- **node kill**: two workers consume the queue; 1 s into the task, the worker running
+- **node kill**: two workers consume the queue; 3 s into a 12 s task, the worker running
   it gets SIGKILL on its whole process group (main process and children). Measured:
   seconds from the kill until the body starts again on the other worker.
 - **lock blocked**: after the child kill, how long the lock key of the killed task
@@ -64,6 +64,11 @@ DUP_SETUPS = ("plain", "plain_acks_late", "resilient")
 DUP_VT = 4.0
 TASK_SECONDS = 6.0
 KILL_AFTER = 1.0
+# A node is killed later into a longer task: the heartbeat refreshes a message it
+# received within one sweep interval (visibility_timeout / 20 = 1.5 s here); a node
+# killed before that has its message back after a whole timeout (docs/recovery.md).
+NODE_TASK_SECONDS = 12.0
+NODE_KILL_AFTER = 3.0
 
 
 class Run:
@@ -151,8 +156,15 @@ def _lock_ttl(run: Run, setup: str, prefix: str, tag: str, task_id: str) -> floa
     return float("nan")
 
 
-def child_kill(run: Run, setup: str, vt: float | None, rounds: int, cap: float) -> dict[str, Any]:
-    """Kill the pool child running each of ``rounds`` concurrent tasks; time the re-run."""
+def child_kill(
+    run: Run, setup: str, vt: float | None, rounds: int, cap: float, delay: float
+) -> dict[str, Any]:
+    """Kill the pool child running each of ``rounds`` concurrent tasks; time the re-run.
+
+    Starts after ``delay`` seconds, once the other scenarios' workers have started: a
+    re-run takes a fresh pool child, which is slow while 20 workers boot on 2 cores.
+    """
+    time.sleep(delay)
     prefix = run.prefix(f"{setup}-child")
     w = run.worker(setup, prefix, vt, "a", concurrency=rounds)
     run.wait_ready(prefix, 1, [w])
@@ -218,10 +230,10 @@ def node_kill(
     run.wait_ready(prefix, 2, [a, b])
     _, tasks = make_app(setup, prefix, vt)
     tag = "n"
-    tasks["sleepy"].apply_async(kwargs={"tag": tag, "seconds": TASK_SECONDS + 2})
+    tasks["sleepy"].apply_async(kwargs={"tag": tag, "seconds": NODE_TASK_SECONDS})
     if not wait_for(lambda: run.events(prefix, "starts", tag), 60):
         raise RuntimeError(f"{prefix}: task never started:\n{a.log_tail()}")
-    time.sleep(KILL_AFTER)
+    time.sleep(NODE_KILL_AFTER)
     pid = run.events(prefix, "starts", tag)[0]["pid"]
     victim = a if pid in a.children() else b
     held = _lock_value(run, setup, prefix, tag, "")
@@ -278,20 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
-    cap = 40.0 if args.quick else args.cap
-    child_cap = 20.0 if args.quick else 40.0
+    cap = 25.0 if args.quick else args.cap
+    child_cap = 15.0 if args.quick else 40.0
     dup_lengths = [12.0] if args.quick else [12.0, 110.0]
+    child_delay = 0.0 if args.quick else 25.0
     workdir = tempfile.mkdtemp(prefix="bench-recovery-")
     run = Run(workdir)
     jobs: dict[str, Callable[[], Any]] = {}
     for setup, vt in RECOVERY_SETUPS.items():
-        jobs[f"child/{setup}"] = lambda s=setup, v=vt: child_kill(run, s, v, rounds, child_cap)
+        jobs[f"child/{setup}"] = lambda s=setup, v=vt: child_kill(
+            run, s, v, rounds, child_cap, child_delay
+        )
         for k in range(rounds):
             jobs[f"node/{setup}/{k}"] = lambda s=setup, v=vt, k=k: node_kill(
                 run, s, v, k, cap, delay=4.0 * k
             )
     for setup in LOCK_SETUPS:
-        jobs[f"child/{setup}"] = lambda s=setup: child_kill(run, s, None, rounds, child_cap)
+        jobs[f"child/{setup}"] = lambda s=setup: child_kill(
+            run, s, None, rounds, child_cap, child_delay
+        )
     for setup in DUP_SETUPS:
         jobs[f"dup/{setup}"] = lambda s=setup: duplicates(run, s, dup_lengths)
     results: dict[str, Any] = {}

@@ -70,8 +70,8 @@ def ensure_venv() -> None:
 # -- the benchmarks -------------------------------------------------------------------
 
 QUICK_ARGS = {
-    "throughput": ["--tasks", "500", "--rounds", "2", "--warmup", "100", "--rt-tasks", "100",
-                   "--max-repeats", "2"],
+    "throughput": ["--tasks", "400", "--rounds", "2", "--warmup", "50", "--rt-tasks", "50",
+                   "--max-repeats", "0"],
 }  # fmt: skip
 FULL_ARGS = {
     "throughput": ["--tasks", "2000", "--rounds", "5", "--warmup", "300", "--rt-tasks", "300",
