@@ -27,11 +27,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import redis
-from celery import Celery, signals
+from celery import Celery
 
-from celery_resilience import Backoff, current_attempt, get_plugin_manager, hookimpl, resilient
-from celery_resilience.outcome import GiveUp
+from celery_resilience import Backoff, current_attempt, resilient
+from tests.support.apps import ProcessRedis, worker_settings
+from tests.support.recording import record_events_in_workers
+from tests.support.workers import redis_broker_options
 
 # Environment variables the workers are configured with.
 PREFIX = "CHAOS_PREFIX"
@@ -60,21 +61,10 @@ class Records:
     def __init__(self, prefix: str, url: str) -> None:
         self.prefix = prefix
         self.url = url
-        self._clients: dict[int, redis.Redis[str]] = {}
-
-    def client(self) -> redis.Redis[str]:
-        """A client of this process (a forked pool child makes its own)."""
-        pid = os.getpid()
-        if pid not in self._clients:
-            self._clients[pid] = redis.Redis.from_url(
-                self.url, decode_responses=True, socket_timeout=HELD_MAX_S + 30
-            )
-        return self._clients[pid]
+        self.client = ProcessRedis(url, socket_timeout=HELD_MAX_S + 30)
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
+        self.client.close()
 
     def key(self, *parts: object) -> str:
         return ":".join([self.prefix, "rec", *map(str, parts)])
@@ -97,16 +87,18 @@ class Records:
     def release(self, tag: str) -> str:
         return self.key("release", tag)
 
+    def count_event(self, task_id: str, event: str) -> None:
+        """Count one ``event`` of ``task_id`` (the workers' EventRecorder)."""
+        self.client().hincrby(self.events(task_id), event, 1)
+
 
 def broker_options(env: Mapping[str, str]) -> dict[str, Any]:
     """The broker transport options of a cluster's workers (and of a test's sweeper)."""
-    options: dict[str, Any] = {
-        "global_keyprefix": f"{env.get(PREFIX, _UNCONFIGURED)}:broker:",
-        "visibility_timeout": float(env.get(VISIBILITY_TIMEOUT, 3600)),
-    }
-    if env.get(FAST_SWEEP) == "1":
-        options.update(unacked_restore_interval=1, unacked_restore_throttle=1)
-    return options
+    return redis_broker_options(
+        env.get(PREFIX, _UNCONFIGURED),
+        float(env.get(VISIBILITY_TIMEOUT, 3600)),
+        fast_sweep=env.get(FAST_SWEEP) == "1",
+    )
 
 
 def _process_start(pid: int) -> str | None:
@@ -176,42 +168,6 @@ class OverlapDetector:
             pipe.execute()
 
 
-class EventCounter:
-    """A celery-resilience plugin counting every observer event per task id in Redis."""
-
-    def __init__(self, records: Records) -> None:
-        self.records = records
-
-    def _count(self, task_id: str, event: str) -> None:
-        self.records.client().hincrby(self.records.events(task_id), event, 1)
-
-    @hookimpl
-    def resilience_retry_scheduled(
-        self, task_name: str, task_id: str, attempt: int, reason: str, countdown: float
-    ) -> None:
-        self._count(task_id, f"retry_scheduled:{reason}")
-
-    @hookimpl
-    def resilience_redelivery_seen(
-        self, task_name: str, task_id: str, attempt: int, deliveries: int
-    ) -> None:
-        self._count(task_id, "redelivery_seen")
-
-    @hookimpl
-    def resilience_crash_budget_spent(
-        self, task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
-    ) -> None:
-        self._count(task_id, "crash_budget_spent")
-
-    @hookimpl
-    def resilience_duplicate_suppressed(self, task_name: str, task_id: str) -> None:
-        self._count(task_id, "duplicate_suppressed")
-
-    @hookimpl
-    def resilience_task_gave_up(self, outcome: GiveUp) -> None:
-        self._count(outcome.task_id, f"gave_up:{outcome.reason}")
-
-
 def create_app(env: Mapping[str, str]) -> Celery:
     """Build the app of one chaos cluster from ``env`` (a worker passes ``os.environ``)."""
     prefix = env.get(PREFIX, _UNCONFIGURED)
@@ -221,28 +177,15 @@ def create_app(env: Mapping[str, str]) -> Celery:
 
     app = Celery("celery_resilience_chaos", set_as_current=False)
     app.conf.update(
+        worker_settings(prefix, queue),
         broker_url=url,
         broker_transport_options=broker_options(env),
         result_backend=url,
         result_backend_transport_options={"global_keyprefix": f"{prefix}:result:"},
-        task_default_queue=queue,
-        worker_prefetch_multiplier=1,
-        worker_enable_remote_control=False,
-        worker_send_task_events=False,
-        broker_connection_retry_on_startup=True,
         resilience_url=url,
-        resilience_key_prefix=f"{prefix}:res",
         resilience_visibility_heartbeat=True,
     )
-
-    def register_counter(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
-            manager = get_plugin_manager()
-            if not manager.has_plugin("chaos-event-counter"):
-                manager.register(EventCounter(records), name="chaos-event-counter")
-
-    # In the worker's main process, before the pool forks its children.
-    signals.worker_init.connect(register_counter, weak=False)
+    record_events_in_workers(app, "chaos-event-counter", records.count_event)
 
     def log(event: str, task: Any, **fields: Any) -> None:
         node = str(task.request.hostname).split("@")[0]

@@ -16,10 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,23 +26,21 @@ from typing import Any, TypeVar
 import pytest
 import redis
 from celery.result import AsyncResult
-from kombu import Connection
-from kombu.utils.url import maybe_sanitize_url
 
 from celery_resilience import DeadLetter, DeadLetterQueue
+from tests.support import services, workers
+from tests.support.workers import WorkerNode
 
 from . import app as chaos_app
 
 T = TypeVar("T")
 
 REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-ROOT = Path(__file__).resolve().parents[2]
 
 # Bounds, not expectations (the machine may be shared and slow).
 READY_TIMEOUT_S = 60.0
 WAIT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-_POLL_S = 0.05
 _LOG_TAIL_LINES = 60
 
 
@@ -59,118 +54,32 @@ def _kombu_sweeps_every_second() -> bool:
 KOMBU_FAST_SWEEP = _kombu_sweeps_every_second()
 
 
-def unavailable(message: str) -> None:
-    """Skip locally when a service is down; fail under CI=true."""
-    if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-        pytest.fail(f"{message} (CI=true: the chaos suite's services must be up)")
-    pytest.skip(message)
-
-
 def wait_until(
     predicate: Callable[[], T],
     what: str,
     diagnostics: Callable[[], str],
     timeout: float = WAIT_TIMEOUT_S,
-    poll: float = _POLL_S,
+    poll: float = workers.POLL_S,
 ) -> T:
     """Poll ``predicate`` until it returns something truthy; fail with diagnostics if never."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}\n{diagnostics()}")
-        time.sleep(poll)
+    return workers.wait_until(predicate, what, diagnostics, timeout, poll)
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return "(no log file)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
-
-
-class Node:
+class Node(WorkerNode):
     """One ``celery worker`` node (prefork, concurrency 2) in its own process group."""
 
     def __init__(self, name: str, base: str, env: dict[str, str], logdir: Path) -> None:
-        self.name = name
+        super().__init__(
+            chaos_app, name, env, logdir, queue=env[chaos_app.QUEUE], stop_timeout=STOP_TIMEOUT_S
+        )
         self.base = base  # the role it plays in its cluster ("n1"), kept by a replacement
-        self.log = logdir / f"{name}.log"
-        self.output = logdir / f"{name}.out"
-        self.killed_at: float | None = None
-        self.terminated_at: float | None = None
-        command = [
-            sys.executable, "-m", "celery", "-A", chaos_app.__name__, "worker",
-            "-P", "prefork", "-c", "2", "-n", f"{name}@%h", "-Q", env[chaos_app.QUEUE],
-            "-l", "INFO", "-f", str(self.log),
-            "--without-heartbeat", "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
-        with self.output.open("wb") as out:
-            self.process = subprocess.Popen(
-                command,
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def is_ready(self) -> bool:
-        if not self.alive:
-            pytest.fail(
-                f"worker {self.name} exited with {self.process.returncode}\n{self.report()}"
-            )
-        return " ready." in self.text()
-
-    def kill(self) -> float:
-        """SIGKILL the whole node, main process and pool children (a pod dying); when."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        at = time.time()
-        if self.killed_at is None:
-            self.killed_at = at
-        self.process.wait(STOP_TIMEOUT_S)
-        return at
-
-    def terminate(self) -> None:
-        """Ask for a warm shutdown (SIGTERM, once)."""
-        if self.alive and self.terminated_at is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.terminated_at = time.time()
-
-    def stop(self) -> None:
-        """Warm shutdown, bounded; then SIGKILL whatever is left of the group."""
-        self.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(STOP_TIMEOUT_S)
 
     def received(self, task_name: str, task_id: str) -> int:
         """How many times this node received a message of ``task_id``."""
         return self.text().count(f"{task_name}[{task_id}] received")
 
-    def report(self, lines: int = _LOG_TAIL_LINES) -> str:
-        state = "running" if self.alive else f"exited {self.process.returncode}"
-        return (
-            f"--- node {self.name} ({state}) log {self.log} ---\n{_tail(self.log, lines)}\n"
-            f"--- node {self.name} stdout/stderr ---\n{_tail(self.output, 20)}"
-        )
+    def report(self, lines: int = _LOG_TAIL_LINES, output_lines: int = 20) -> str:
+        return super().report(lines, output_lines)
 
 
 class ChaosCluster:
@@ -192,20 +101,13 @@ class ChaosCluster:
         self.redis_url = redis_url
         self.logdir = logdir
         self.visibility_timeout = visibility_timeout
-        inherited = {
-            name: value
-            for name, value in os.environ.items()
-            # A CELERY_RESILIENCE_* setting of the caller would override the app's.
-            if not name.startswith("CELERY_RESILIENCE_")
-        }
         self.env = {
-            **inherited,
+            **workers.inherited_environment(),
             chaos_app.PREFIX: self.prefix,
             chaos_app.REDIS_URL: redis_url,
             chaos_app.QUEUE: self.queue,
             chaos_app.VISIBILITY_TIMEOUT: str(visibility_timeout),
             chaos_app.FAST_SWEEP: "1" if fast_sweep else "0",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
         self.app = chaos_app.create_app(self.env)
         self.records = chaos_app.Records(self.prefix, redis_url)
@@ -233,7 +135,7 @@ class ChaosCluster:
         return started
 
     def wait_ready(self, node: Node) -> None:
-        wait_until(node.is_ready, f"node {node.name} to be ready", self.report, READY_TIMEOUT_S)
+        node.wait_ready(READY_TIMEOUT_S, self.report)
 
     def replace(self, node: Node) -> Node:
         """Start a fresh node in place of ``node`` (a new pod after one died)."""
@@ -252,7 +154,7 @@ class ChaosCluster:
             node.stop()
         if self._dlq is not None:
             self._dlq.backend.close()
-        _delete_keys(self.redis, f"{self.prefix}:*")
+        workers.delete_keys(self.redis, f"{self.prefix}:*")
         self.redis.close()
         self.records.close()
         self.app.close()
@@ -351,44 +253,16 @@ class ChaosCluster:
         parts += [node.report(lines) for node in self.nodes]
         return "\n".join(parts)
 
-    @contextlib.contextmanager
-    def sweeping(self, every: float = 0.25) -> Iterator[list[BaseException]]:
+    def sweeping(
+        self, every: float = 0.25
+    ) -> contextlib.AbstractContextManager[list[BaseException]]:
         """Run kombu's restore sweep every ``every`` s from this process; yields its errors.
 
         The fastest sweep kombu < 5.7 can be made to run (those versions have no option
         for it), as tests/integration/test_heartbeat.py does.
         """
-        errors: list[BaseException] = []
-        stopped = threading.Event()
         options = chaos_app.broker_options(self.env)
-
-        def run() -> None:
-            with Connection(self.redis_url, transport_options=options) as connection:
-                channel: Any = connection.default_channel
-                while not stopped.wait(every):
-                    try:
-                        channel.qos.restore_visible(num=None, interval=1)
-                    except Exception as exc:
-                        errors.append(exc)
-
-        thread = threading.Thread(target=run, name=f"sweeper-{self.label}", daemon=True)
-        thread.start()
-        try:
-            yield errors
-        finally:
-            stopped.set()
-            thread.join(5)
-
-
-def _delete_keys(client: redis.Redis[str], pattern: str) -> None:
-    batch: list[str] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            client.delete(*batch)
-            batch.clear()
-    if batch:
-        client.delete(*batch)
+        return workers.restore_sweeper(self.redis_url, options, every, f"sweeper-{self.label}")
 
 
 # -- fixtures ------------------------------------------------------------------
@@ -399,14 +273,7 @@ def chaos_redis_url() -> str:
     """The real Redis used as broker, result backend and coordination backend."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the chaos suite needs Linux (process groups, /proc)")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        unavailable(f"Redis at {maybe_sanitize_url(REDIS_URL)} is unreachable: {exc}")
-    finally:
-        client.close()
-    return REDIS_URL
+    return services.reachable_redis(REDIS_URL, "the chaos suite's")
 
 
 @pytest.fixture

@@ -15,17 +15,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis
-from celery import Celery, signals
+from celery import Celery
 from kombu.utils import json as kombu_json
 
-from celery_resilience import Backoff, current_attempt, get_plugin_manager, hookimpl, resilient
-from celery_resilience.outcome import GiveUp
+from celery_resilience import Backoff, current_attempt, resilient
+from tests.support.apps import ProcessRedis, worker_settings
+from tests.support.recording import record_events_in_workers
 
 # Environment variables the workers are configured with.
 BROKER_URL = "CRT_BROKER_URL"
@@ -53,9 +52,7 @@ class Records:
     def __init__(self, prefix: str, url: str) -> None:
         self.prefix = prefix
         self.url = url
-        self._client: redis.Redis[str] | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
+        self.client = ProcessRedis(url, socket_timeout=RELEASE_WAIT_S + 5)
 
     def key(self, tag: str, *parts: object) -> str:
         """The key of record ``parts`` of the test identified by ``tag``."""
@@ -65,57 +62,9 @@ class Records:
         """The list of observer-hook events seen for ``task_id``."""
         return f"{self.prefix}:events:{task_id}"
 
-    def client(self) -> redis.Redis[str]:
-        """A client for this process (a forked prefork child makes its own)."""
-        with self._lock:
-            if self._client is None or self._pid != os.getpid():
-                self._client = redis.Redis.from_url(
-                    self.url, decode_responses=True, socket_timeout=RELEASE_WAIT_S + 5
-                )
-                self._pid = os.getpid()
-            return self._client
-
-
-class EventRecorder:
-    """A celery-resilience plugin that appends every observer event to a Redis list."""
-
-    def __init__(self, records: Records) -> None:
-        self.records = records
-
-    def _push(self, task_id: str, event: str) -> None:
-        self.records.client().rpush(self.records.events_key(task_id), event)
-
-    @hookimpl
-    def resilience_retry_scheduled(
-        self, task_name: str, task_id: str, attempt: int, reason: str, countdown: float
-    ) -> None:
-        self._push(task_id, f"retry_scheduled:{reason}")
-
-    @hookimpl
-    def resilience_lock_contended(
-        self, task_name: str, task_id: str, lock_key: str, lease_remaining: float
-    ) -> None:
-        self._push(task_id, "lock_contended")
-
-    @hookimpl
-    def resilience_redelivery_seen(
-        self, task_name: str, task_id: str, attempt: int, deliveries: int
-    ) -> None:
-        self._push(task_id, "redelivery_seen")
-
-    @hookimpl
-    def resilience_crash_budget_spent(
-        self, task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
-    ) -> None:
-        self._push(task_id, "crash_budget_spent")
-
-    @hookimpl
-    def resilience_duplicate_suppressed(self, task_name: str, task_id: str) -> None:
-        self._push(task_id, "duplicate_suppressed")
-
-    @hookimpl
-    def resilience_task_gave_up(self, outcome: GiveUp) -> None:
-        self._push(outcome.task_id, f"gave_up:{outcome.reason}")
+    def push_event(self, task_id: str, event: str) -> None:
+        """Append ``event`` to the events of ``task_id`` (the workers' EventRecorder)."""
+        self.client().rpush(self.events_key(task_id), event)
 
 
 class DiesWhileStored:
@@ -153,16 +102,11 @@ def create_app(env: Mapping[str, str]) -> Celery:
 
     app = Celery("celery_resilience_integration", set_as_current=False)
     app.conf.update(
+        worker_settings(prefix, queue),
         broker_url=broker_url,
         result_backend=result_url,
         result_backend_transport_options={"global_keyprefix": f"{prefix}:result:"},
-        task_default_queue=queue,
-        worker_prefetch_multiplier=1,
-        worker_enable_remote_control=False,
-        worker_send_task_events=False,
-        broker_connection_retry_on_startup=True,
         resilience_url=env.get(RESILIENCE_URL, result_url),
-        resilience_key_prefix=f"{prefix}:res",
     )
     if env.get(DLQ_URL):
         app.conf.resilience_dlq_url = env[DLQ_URL]
@@ -174,14 +118,7 @@ def create_app(env: Mapping[str, str]) -> Celery:
         # loop sleeps up to 5 s between wake-ups and notices SIGTERM that late.
         app.conf.broker_heartbeat = 2
 
-    def register_recorder(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
-            manager = get_plugin_manager()
-            if not manager.has_plugin("integration-event-recorder"):
-                manager.register(EventRecorder(records), name="integration-event-recorder")
-
-    # Registered in the worker's main process before the pool forks its children.
-    signals.worker_init.connect(register_recorder, weak=False)
+    record_events_in_workers(app, "integration-event-recorder", records.push_event)
 
     # shared=False everywhere: the test process builds one app per module, and shared
     # tasks would leak between them.

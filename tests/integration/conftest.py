@@ -12,8 +12,8 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-import redis
-from kombu.utils.url import maybe_sanitize_url
+
+from tests.support import services
 
 from .harness import Cluster, RedisServer
 
@@ -23,22 +23,13 @@ AMQP_URL = os.environ.get("CELERY_RESILIENCE_TEST_AMQP_URL", "amqp://guest:guest
 
 def unavailable(message: str) -> None:
     """Skip: a missing service is a local inconvenience; under CI it is a failure."""
-    if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-        pytest.fail(f"{message} (CI=true: integration services must be up)")
-    pytest.skip(message)
+    services.unavailable(message, "integration")
 
 
 @pytest.fixture(scope="session")
 def integration_redis_url() -> str:
     """The real Redis used as broker, result backend and coordination backend."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        unavailable(f"Redis at {maybe_sanitize_url(REDIS_URL)} is unreachable: {exc}")
-    finally:
-        client.close()
-    return REDIS_URL
+    return services.reachable_redis(REDIS_URL, "integration")
 
 
 @pytest.fixture(scope="session")
@@ -84,11 +75,8 @@ def redis_cluster(
 ) -> Iterator[Cluster]:
     """Two worker nodes (prefork, concurrency 2) on a Redis broker, shared by a module."""
     cluster = Cluster(redis_url=integration_redis_url, logdir=tmp_path_factory.mktemp("workers"))
-    try:
-        cluster.start("node1", "node2")
+    with cluster.running("node1", "node2"):
         yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +91,8 @@ def amqp_cluster(
         broker_url=integration_amqp_url,
         logdir=tmp_path_factory.mktemp("workers"),
     )
-    try:
-        cluster.start("amqp1", "amqp2")
+    with cluster.running("amqp1", "amqp2"):
         yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +101,19 @@ def flaky_backend(
 ) -> Iterator[RedisServer]:
     """A private redis-server on a free port, used as the coordination backend only."""
     server = RedisServer(tmp_path_factory.mktemp("redis"), redis_server_executable)
-    try:
-        server.start()
+    with server.running():
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dlq_server(
+    redis_server_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer]:
+    """A private redis-server holding the workers' dead letters only."""
+    with RedisServer(
+        tmp_path_factory.mktemp("dlq-redis"), redis_server_executable
+    ).running() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +134,5 @@ def flaky_backend_cluster(
         resilience_url=flaky_backend.url,
         logdir=tmp_path_factory.mktemp("workers"),
     )
-    try:
-        cluster.start("flaky1")
+    with cluster.running("flaky1"):
         yield cluster
-    finally:
-        cluster.close()

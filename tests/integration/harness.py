@@ -11,23 +11,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 import redis
 from celery import Celery
 from celery.result import AsyncResult
 
 from celery_resilience import DeadLetter, DeadLetterQueue
+from tests.support import workers
+from tests.support.workers import WorkerNode
 
 from . import app as app_module
 from .app import Records, create_app
@@ -41,7 +38,6 @@ STOP_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 60.0
 # RabbitMQ: long enough for a stray requeued copy to be delivered and started on an idle node.
 AMQP_GRACE_S = 1.0
-_POLL_S = 0.05
 _LOG_TAIL_LINES = 80
 
 
@@ -52,115 +48,7 @@ def wait_until(
     timeout: float = WAIT_TIMEOUT_S,
 ) -> T:
     """Poll ``predicate`` until it returns something truthy; fail with diagnostics if never."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}\n{diagnostics()}")
-        time.sleep(_POLL_S)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def delete_keys(client: redis.Redis[Any], pattern: str) -> None:
-    """Delete every key matching ``pattern`` (SCAN + DEL, never FLUSHDB)."""
-    batch: list[Any] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            client.delete(*batch)
-            batch.clear()
-    if batch:
-        client.delete(*batch)
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return "(no log file)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
-
-
-class Worker:
-    """One ``celery worker`` node (prefork, concurrency 2) in its own process group."""
-
-    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
-        self.name = name
-        self.log = logdir / f"{name}.log"
-        self.output = logdir / f"{name}.out"
-        module = app_module.__name__
-        # The directory the app's top-level package is imported from.
-        root = Path(app_module.__file__).resolve().parents[module.count(".")]
-        env = dict(env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            module,
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "2",
-            "-n",
-            f"{name}@%h",
-            "-Q",
-            env[app_module.QUEUE],
-            "-l",
-            "INFO",
-            "-f",
-            str(self.log),
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        with self.output.open("wb") as out:
-            self.process = subprocess.Popen(
-                command,
-                env=env,
-                cwd=root,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def is_ready(self) -> bool:
-        if self.process.poll() is not None:
-            pytest.fail(
-                f"worker {self.name} exited with {self.process.returncode} before it was "
-                f"ready\n{self.report()}"
-            )
-        try:
-            return " ready." in self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return False
-
-    def stop(self) -> None:
-        """Warm shutdown (SIGTERM), bounded; then SIGKILL the whole group, children too."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(STOP_TIMEOUT_S)
-
-    def report(self) -> str:
-        return (
-            f"--- worker {self.name} log ({self.log}) ---\n{_tail(self.log)}\n"
-            f"--- worker {self.name} stdout/stderr ---\n{_tail(self.output, 30)}"
-        )
+    return workers.wait_until(predicate, what, diagnostics, timeout)
 
 
 class Cluster:
@@ -183,16 +71,8 @@ class Cluster:
         self.amqp = not self.broker_url.startswith(("redis://", "rediss://"))
         self.queue = f"crtest.{self.run_id}"
         self.logdir = logdir
-        inherited = {
-            name: value
-            for name, value in os.environ.items()
-            # A CELERY_RESILIENCE_* setting in the caller's environment would override
-            # the app's and break isolation; CELERY_RESILIENCE_TEST_* are ours.
-            if not name.startswith("CELERY_RESILIENCE_")
-            or name.startswith("CELERY_RESILIENCE_TEST_")
-        }
         self.env = {
-            **inherited,
+            **workers.inherited_environment(),
             app_module.PREFIX: self.prefix,
             app_module.BROKER_URL: self.broker_url,
             app_module.RESULT_URL: redis_url,
@@ -205,32 +85,49 @@ class Cluster:
         self.app: Celery = create_app(self.env)
         self.records = Records(self.prefix, redis_url)
         self.redis = self.records.client()
-        self.workers: list[Worker] = []
+        self.workers: list[WorkerNode] = []
         self._dlq: DeadLetterQueue | None = None
 
     # -- processes -------------------------------------------------------
 
-    def start(self, *names: str) -> list[Worker]:
+    def start(self, *names: str) -> list[WorkerNode]:
         """Start worker nodes ``names`` together and wait until each logs ``ready.``."""
-        started = [Worker(f"{name}-{self.run_id}", self.env, self.logdir) for name in names]
+        started = [
+            WorkerNode(
+                app_module,
+                f"{name}-{self.run_id}",
+                self.env,
+                self.logdir,
+                queue=self.queue,
+                stop_timeout=STOP_TIMEOUT_S,
+            )
+            for name in names
+        ]
         self.workers += started
         for worker in started:
-            wait_until(
-                worker.is_ready, f"worker {worker.name} to be ready", self.report, READY_TIMEOUT_S
-            )
+            worker.wait_ready(READY_TIMEOUT_S, self.report)
         return started
+
+    @contextlib.contextmanager
+    def running(self, *names: str) -> Iterator[Cluster]:
+        """Start worker nodes ``names``; close the cluster when the block ends."""
+        try:
+            self.start(*names)
+            yield self
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Stop every worker, delete every key of this run, close the clients."""
-        for worker in self.workers:
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.workers:  # all asked at once, then waited for
+            worker.terminate()
         for worker in self.workers:
             worker.stop()
         if self._dlq is not None:
             self._dlq.backend.close()
-        delete_keys(self.redis, f"{self.prefix}:*")
+        workers.delete_keys(self.redis, f"{self.prefix}:*")
         self.redis.close()
+        self.records.client.close()
         if self.amqp:
             # An AMQP broker keeps the queue (and its exchange) after the workers left.
             with self.app.connection_for_write() as connection:
@@ -241,14 +138,10 @@ class Cluster:
 
     def celery(self, *argv: str) -> subprocess.CompletedProcess[str]:
         """Run ``celery -A <the workers' app> *argv`` as a user would, with the workers' env."""
-        module = app_module.__name__
-        root = Path(app_module.__file__).resolve().parents[module.count(".")]
-        env = dict(self.env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         return subprocess.run(
-            [sys.executable, "-m", "celery", "-A", module, *argv],
-            env=env,
-            cwd=root,
+            workers.celery_command(app_module, *argv),
+            env=workers.command_environment(app_module, self.env),
+            cwd=workers.import_root(app_module),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -271,10 +164,7 @@ class Cluster:
 
     def logged(self, text: str) -> bool:
         """Whether any worker's log file contains ``text``."""
-        return any(
-            worker.log.exists() and text in worker.log.read_text(errors="replace")
-            for worker in self.workers
-        )
+        return any(text in worker.text() for worker in self.workers)
 
     def send(self, task_name: str, *args: Any, **options: Any) -> AsyncResult:
         """Publish ``task_name`` through its task object, as a user would."""
@@ -387,7 +277,7 @@ class Cluster:
                 f"task {result.id}: state={result.state} result={result.result!r} "
                 f"events={self.events(result.id)}"
             )
-        parts += [worker.report() for worker in self.workers]
+        parts += [worker.report(_LOG_TAIL_LINES) for worker in self.workers]
         return "\n".join(parts)
 
 
@@ -395,7 +285,7 @@ class RedisServer:
     """A private ``redis-server`` on a free port that a test can stop and restart."""
 
     def __init__(self, logdir: Path, executable: str) -> None:
-        self.port = free_port()
+        self.port = workers.free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.executable = executable
         self.log = logdir / f"redis-{self.port}.log"
@@ -432,6 +322,15 @@ class RedisServer:
         finally:
             client.close()
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[RedisServer]:
+        """Start the server; stop it when the block ends."""
+        try:
+            self.start()
+            yield self
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         if self.process is None:
             return
@@ -445,7 +344,7 @@ class RedisServer:
         self.process = None
 
     def report(self) -> str:
-        return f"--- redis-server :{self.port} log ---\n{_tail(self.log, 30)}"
+        return f"--- redis-server :{self.port} log ---\n{workers.tail(self.log, 30)}"
 
 
 def check_lock_exclusion(cluster: Cluster, *, tasks: int, keys: int) -> None:

@@ -16,10 +16,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 from celery import Celery, signals
 
 from celery_resilience import resilient
+from tests.support.apps import ProcessRedis, worker_settings
+from tests.support.workers import redis_broker_options
 
 # Environment variables the workers are configured with.
 PREFIX = "HB_PREFIX"
@@ -40,14 +41,11 @@ def record_key(prefix: str, tag: str, what: str) -> str:
 
 def broker_options(env: Mapping[str, str]) -> dict[str, Any]:
     """The broker transport options of the workers of ``env`` (and of the test's sweeper)."""
-    options: dict[str, Any] = {
-        "global_keyprefix": f"{env.get(PREFIX, _UNCONFIGURED)}:broker:",
-        "visibility_timeout": float(env.get(VISIBILITY_TIMEOUT, 3600)),
-    }
-    if env.get(FAST_SWEEP) == "1":
-        # Understood by kombu >= 5.7, ignored before.
-        options.update(unacked_restore_interval=1, unacked_restore_throttle=1)
-    return options
+    return redis_broker_options(
+        env.get(PREFIX, _UNCONFIGURED),
+        float(env.get(VISIBILITY_TIMEOUT, 3600)),
+        fast_sweep=env.get(FAST_SWEEP) == "1",
+    )
 
 
 def create_app(env: Mapping[str, str]) -> Celery:
@@ -55,26 +53,15 @@ def create_app(env: Mapping[str, str]) -> Celery:
     prefix = env.get(PREFIX, _UNCONFIGURED)
     url = env.get(REDIS_URL, _DEFAULT_REDIS)
     queue = env.get(QUEUE, f"{prefix}.queue")
-    clients: dict[int, redis.Redis[str]] = {}  # by pid: a forked child makes its own
-
-    def client() -> redis.Redis[str]:
-        pid = os.getpid()
-        if pid not in clients:
-            clients[pid] = redis.Redis.from_url(url, decode_responses=True, socket_timeout=60)
-        return clients[pid]
+    client = ProcessRedis(url, socket_timeout=60)
 
     app = Celery("celery_resilience_heartbeat", set_as_current=False)
     app.conf.update(
+        worker_settings(prefix, queue),
         broker_url=url,
         broker_transport_options=broker_options(env),
-        task_default_queue=queue,
         task_ignore_result=True,
-        worker_prefetch_multiplier=1,
-        worker_enable_remote_control=False,
-        worker_send_task_events=False,
-        broker_connection_retry_on_startup=True,
         resilience_url=url,
-        resilience_key_prefix=f"{prefix}:res",
         resilience_visibility_heartbeat=env.get(HEARTBEAT, "on") != "off",
     )
 

@@ -13,11 +13,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 from celery import Celery
 
 from celery_resilience import Backoff, resilient
 from celery_resilience.exporters import MetricsBootstep
+from tests.support.apps import ProcessRedis, worker_settings
 
 # Environment variables the workers are configured with.
 PREFIX = "MT_PREFIX"
@@ -42,26 +42,15 @@ def create_app(env: Mapping[str, str]) -> Celery:
     """Build the app of one test worker from ``env`` (a worker passes ``os.environ``)."""
     prefix = env.get(PREFIX, _UNCONFIGURED)
     url = env.get(REDIS_URL, _DEFAULT_REDIS)
-    clients: dict[int, redis.Redis[str]] = {}  # by pid: a forked child makes its own
-
-    def client() -> redis.Redis[str]:
-        pid = os.getpid()
-        if pid not in clients:
-            clients[pid] = redis.Redis.from_url(url, decode_responses=True, socket_timeout=30)
-        return clients[pid]
+    client = ProcessRedis(url, socket_timeout=30)
 
     app = Celery("celery_resilience_metrics", set_as_current=False)
     app.conf.update(
+        worker_settings(prefix, env.get(QUEUE, f"{prefix}.queue")),
         broker_url=url,
         broker_transport_options={"global_keyprefix": f"{prefix}:broker:"},
-        task_default_queue=env.get(QUEUE, f"{prefix}.queue"),
         task_ignore_result=True,
-        worker_prefetch_multiplier=1,
-        worker_enable_remote_control=False,
-        worker_send_task_events=False,
-        broker_connection_retry_on_startup=True,
         resilience_url=url,
-        resilience_key_prefix=f"{prefix}:res",
     )
     if PORT in env:
         app.conf.resilience_prometheus_port = int(env[PORT])

@@ -21,19 +21,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def dlq_server(
-    redis_server_executable: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RedisServer]:
-    """A private redis-server holding the workers' dead letters only."""
-    server = RedisServer(tmp_path_factory.mktemp("dlq-redis"), redis_server_executable)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def cluster(
     integration_redis_url: str,
     broker_url: str,
@@ -47,11 +34,8 @@ def cluster(
         dlq_url=dlq_server.url,
         logdir=tmp_path_factory.mktemp("workers"),
     )
-    try:
-        cluster.start("dlq1", "dlq2")
+    with cluster.running("dlq1", "dlq2"):
         yield cluster
-    finally:
-        cluster.close()
 
 
 def fail_for_good(cluster: Cluster, tag: str) -> str:

@@ -17,11 +17,6 @@ sweep would.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,79 +25,22 @@ from typing import Any
 
 import pytest
 import redis
-from kombu import Connection
+
+from tests.support.workers import (
+    WorkerNode,
+    delete_keys,
+    inherited_environment,
+    restore_sweeper,
+)
 
 from . import heartbeat_app as hb
-from .harness import delete_keys, wait_until
+from .harness import wait_until
 
 pytestmark = pytest.mark.integration
 
 VT = 4.0  # the visibility timeout of every cluster, seconds
 HELD_S = 3 * VT  # how long the held tasks run, or wait for their ETA
 READY_TIMEOUT_S = 30.0
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Node:
-    """One ``celery worker`` node in its own process group."""
-
-    def __init__(self, name: str, pool: str, env: dict[str, str], logdir: Path) -> None:
-        self.name = name
-        self.terminated = False
-        self.log = logdir / f"{name}.log"
-        out = logdir / f"{name}.out"
-        command = [
-            sys.executable, "-m", "celery", "-A", hb.__name__, "worker",
-            "-P", pool, "-c", "1", "-n", f"{name}@%h", "-Q", env[hb.QUEUE],
-            "-l", "INFO", "-f", str(self.log),
-            "--without-heartbeat", "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
-        with out.open("wb") as stdout:
-            self.process = subprocess.Popen(
-                command,
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def is_ready(self) -> bool:
-        if self.process.poll() is not None:
-            pytest.fail(
-                f"worker {self.name} exited with {self.process.returncode}\n{self.report()}"
-            )
-        return " ready." in self.text()
-
-    def kill(self) -> None:
-        """SIGKILL the whole node: main process and pool children, as a pod dying."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def terminate(self) -> None:
-        """Ask for a warm shutdown (SIGTERM, once)."""
-        if self.process.poll() is None and not self.terminated:
-            self.process.send_signal(signal.SIGTERM)
-            self.terminated = True
-
-    def stop(self) -> None:
-        """Warm shutdown, bounded; then SIGKILL whatever is left of the node."""
-        self.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-        self.kill()
-
-    def report(self) -> str:
-        tail = "\n".join(self.text().splitlines()[-60:])
-        return f"--- worker {self.name} log ({self.log}) ---\n{tail}"
 
 
 class HeartbeatCluster:
@@ -115,27 +53,36 @@ class HeartbeatCluster:
         self.label = label
         self.prefix = f"hbtest:{run}"
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("CELERY_RESILIENCE_")},
+            **inherited_environment(),
             hb.PREFIX: self.prefix,
             hb.REDIS_URL: redis_url,
             hb.QUEUE: f"hbtest.{run}",
             hb.VISIBILITY_TIMEOUT: str(VT),
             hb.HEARTBEAT: heartbeat,
             hb.FAST_SWEEP: "1" if fast_sweep else "0",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
         self.redis_url = redis_url
         self.logdir = logdir
         self.app = hb.create_app(self.env)
         self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.nodes: list[Node] = []
+        self.nodes: list[WorkerNode] = []
 
     def spawn(self, *pools: str) -> None:
         for n, pool in enumerate(pools, 1):
             name = f"{self.label}{n}-{pool}-{self.prefix[-6:]}"
-            self.nodes.append(Node(name, pool, self.env, self.logdir))
+            self.nodes.append(
+                WorkerNode(
+                    hb,
+                    name,
+                    self.env,
+                    self.logdir,
+                    queue=self.env[hb.QUEUE],
+                    pool=pool,
+                    concurrency=1,
+                )
+            )
 
-    def node(self, name: str) -> Node:
+    def node(self, name: str) -> WorkerNode:
         (node,) = [n for n in self.nodes if n.name == name]
         return node
 
@@ -166,34 +113,16 @@ class HeartbeatCluster:
         queue = self.env[hb.QUEUE]
         return not self.redis.llen(broker + queue) and not self.redis.hlen(broker + "unacked")
 
-    @contextlib.contextmanager
-    def sweeping(self) -> Iterator[list[BaseException]]:
+    def sweeping(self) -> contextlib.AbstractContextManager[list[BaseException]]:
         """Run kombu's restore sweep every 0.25 s from this process; yields its errors."""
-        errors: list[BaseException] = []
-        stopped = threading.Event()
-        options = hb.broker_options(self.env)
-
-        def run() -> None:
-            with Connection(self.redis_url, transport_options=options) as connection:
-                channel: Any = connection.default_channel
-                while not stopped.wait(0.25):
-                    try:
-                        channel.qos.restore_visible(num=None, interval=1)
-                    except Exception as exc:
-                        errors.append(exc)
-
-        thread = threading.Thread(target=run, name=f"sweeper-{self.label}", daemon=True)
-        thread.start()
-        try:
-            yield errors
-        finally:
-            stopped.set()
-            thread.join(5)
+        return restore_sweeper(
+            self.redis_url, hb.broker_options(self.env), 0.25, f"sweeper-{self.label}"
+        )
 
     def report(self, *tags: str) -> str:
         lines = [f"cluster {self.label}: prefix {self.prefix}"]
         lines += [f"{tag}: starts={self.starts(tag)} done={self.completions(tag)}" for tag in tags]
-        return "\n".join([*lines, *(node.report() for node in self.nodes)])
+        return "\n".join([*lines, *(node.report(60) for node in self.nodes)])
 
     def close(self) -> None:
         for node in self.nodes:
@@ -226,7 +155,7 @@ def clusters(
         made["kill"].spawn("prefork", "prefork")
         for cluster in made.values():
             for node in cluster.nodes:
-                wait_until(node.is_ready, f"{node.name} ready", node.report, READY_TIMEOUT_S)
+                node.wait_ready(READY_TIMEOUT_S)
         yield made
     finally:
         for cluster in made.values():  # all shut down at once, then waited for

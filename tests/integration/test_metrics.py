@@ -7,13 +7,11 @@ and scrapes once over HTTP, as Prometheus would.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,13 +22,13 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_resilience import DeadLetterQueue
+from tests.support.workers import WorkerNode, delete_keys, free_port, inherited_environment
 
 from . import metrics_app as mt
-from .harness import delete_keys, free_port, wait_until
+from .harness import wait_until
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
@@ -43,7 +41,7 @@ class MetricsWorker:
         self.prefix = f"mttest:{self.run_id}"
         self.port = free_port()
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("CELERY_RESILIENCE_")},
+            **inherited_environment(),
             mt.PREFIX: self.prefix,
             mt.REDIS_URL: redis_url,
             mt.QUEUE: f"mttest.{self.run_id}",
@@ -51,46 +49,35 @@ class MetricsWorker:
             **env,
         }
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the worker manages its own
-        self.log = logdir / f"worker-{self.run_id}.log"
-        self.output = logdir / f"worker-{self.run_id}.out"
+        self.logdir = logdir
         self.app = mt.create_app(self.env)
         self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.node: WorkerNode | None = None
         self.dlq = DeadLetterQueue(self.app)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return None if self.node is None else self.node.process
 
     def start(self, *, preamble: str = "") -> subprocess.Popen[bytes]:
         """Start ``celery worker``; ``preamble`` is Python run in the worker process first."""
-        code = f"{preamble}\nfrom celery.__main__ import main\nmain()"
-        command = [
-            sys.executable, "-c", code, "-A", mt.__name__, "worker", "-P", "prefork", "-c", "2",
-            "-n", f"mt-{self.run_id}@%h", "-Q", self.env[mt.QUEUE], "-l", "INFO",
-            "-f", str(self.log), "--without-heartbeat", "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
-        with self.output.open("wb") as out:
-            self.process = subprocess.Popen(
-                command,
-                env={**self.env, "PYTHONPATH": str(ROOT)},
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self.process
+        self.node = WorkerNode(
+            mt,
+            f"mt-{self.run_id}",
+            self.env,
+            self.logdir,
+            queue=self.env[mt.QUEUE],
+            stop_timeout=STOP_TIMEOUT_S,
+            preamble=preamble,
+        )
+        return self.node.process
 
     def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"worker exited with {self.process.returncode}\n{self.report()}")
-            return " ready." in self.text()
-
-        wait_until(ready, "the worker to be ready", self.report, READY_TIMEOUT_S)
+        assert self.node is not None
+        self.node.wait_ready(READY_TIMEOUT_S)
 
     def text(self) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return self.log.read_text(errors="replace")
-        return ""
+        return "" if self.node is None else self.node.text()
 
     def records(self, tag: str, what: str) -> list[str]:
         return self.redis.lrange(mt.record_key(self.prefix, tag, what), 0, -1)
@@ -119,23 +106,15 @@ class MetricsWorker:
         return Path(found[1])
 
     def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(STOP_TIMEOUT_S)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(STOP_TIMEOUT_S)
+        if self.node is not None:
+            self.node.stop()
         delete_keys(self.redis, f"{self.prefix}:*")
         self.dlq.backend.close()
         self.redis.close()
         self.app.close()
 
     def report(self) -> str:
-        out = self.output.read_text(errors="replace") if self.output.exists() else ""
-        tail = "\n".join(self.text().splitlines()[-60:])
-        return f"--- worker log ---\n{tail}\n--- worker output ---\n{out[-3000:]}"
+        return "(not started)" if self.node is None else self.node.report(60)
 
 
 MakeWorker = Callable[..., MetricsWorker]
