@@ -13,30 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.services import reachable_redis, unavailable
+
 REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-def _unreachable(what: str, exc: BaseException) -> None:
-    """Skip a test whose service is down, except under CI where that is a failure."""
-    message = f"{what} unreachable: {exc}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The URL of the real Redis the tests use; skips (fails under CI) if it is down."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        _unreachable(f"Redis at {REDIS_URL}", exc)
-    finally:
-        client.close()
-    return REDIS_URL
+    return reachable_redis(REDIS_URL, "the test")
 
 
 @pytest.fixture
@@ -73,7 +58,7 @@ def evicting_redis(tmp_path: Path) -> Iterator[str]:
     """A private redis-server whose maxmemory-policy may evict keys."""
     executable = shutil.which("redis-server")
     if executable is None:
-        _unreachable("redis-server", FileNotFoundError("not on PATH"))
+        unavailable("redis-server is not on PATH", "the test")
     port = _free_port()
     server = subprocess.Popen(
         [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
