@@ -1022,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
 def _own_keys(run_id: str, key_prefix: str) -> list[str]:
     """Key patterns this run owns: its run id, and kombu's keys in the benchmark db."""
     return [f"*{run_id}*", f"{key_prefix}:*", "unacked", "unacked_index", "unacked_mutex",
-            "_kombu.binding.*"]  # fmt: skip
+            "_kombu.binding*"]  # fmt: skip
 
 
 def _delete(r: redis.Redis, patterns: list[str]) -> None:
