@@ -14,6 +14,7 @@ from celery import Celery
 
 from celery_resilience.demo.store import Store
 from celery_resilience.demo.tasks import define_tasks
+from celery_resilience.settings import SETTING_NAMES
 
 APP_NAME = "celery_resilience_demo"
 
@@ -35,7 +36,9 @@ _OVERRIDES = (
     "CELERY_BROKER_WRITE_URL",
     "CELERY_RESULT_BACKEND",
 )
-_SETTING_PREFIX = "CELERY_RESILIENCE_"
+# The environment overrides of celery-resilience's own settings, and nothing else
+# under that prefix (CI sets CELERY_RESILIENCE_TEST_* for the test suite).
+_SETTING_OVERRIDES = tuple(f"CELERY_{name.upper()}" for name in SETTING_NAMES)
 
 
 @contextlib.contextmanager
@@ -48,7 +51,7 @@ def isolated(environ: MutableMapping[str, str]) -> Iterator[list[str]]:
     removed = {
         name: environ[name]
         for name in sorted(environ)
-        if name in _OVERRIDES or name.startswith(_SETTING_PREFIX)
+        if name in _OVERRIDES or name in _SETTING_OVERRIDES
     }
     for name in removed:
         del environ[name]
