@@ -137,6 +137,7 @@ def _brpop_read(self: Any, **options: Any) -> bool:
     """Read the reply of ``_brpop_start``; deliver a fetched message, else ``Empty``."""
     from kombu.transport.virtual import Empty
     from kombu.utils import json as kombu_json
+    from kombu.utils.encoding import bytes_to_str
     from redis.exceptions import NoScriptError
 
     fetcher: _Fetcher = self._resilience_fetch
@@ -161,14 +162,10 @@ def _brpop_read(self: Any, **options: Any) -> bool:
         index, item = reply
         queue = fetcher.queues[int(index)]
         self._queue_cycle.rotate(queue)
-        self.connection._deliver(kombu_json.loads(_text(item)), queue)  # type: ignore[no-untyped-call]
+        self.connection._deliver(kombu_json.loads(bytes_to_str(item)), queue)  # type: ignore[no-untyped-call]
         return True
     finally:
         self._in_poll = None
         flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7
         if flush is not None:
             flush()
-
-
-def _text(item: bytes | str) -> str:
-    return item.decode("utf-8") if isinstance(item, bytes) else item
