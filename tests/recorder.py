@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from celery_resilience import get_plugin_manager, hookimpl
+from celery_resilience import DeadLetter, get_plugin_manager, hookimpl
 from celery_resilience.outcome import GiveUp
 
 
@@ -18,6 +18,10 @@ class Recorder:
 
     def of(self, hook: str) -> list[dict[str, Any]]:
         return [kw for name, kw in self.events if name == hook]
+
+    def names(self) -> list[str]:
+        """The hooks called so far, in order (without the ``resilience_`` prefix)."""
+        return [name for name, _ in self.events]
 
     @hookimpl
     def resilience_retry_scheduled(
@@ -50,6 +54,22 @@ class Recorder:
     @hookimpl
     def resilience_task_gave_up(self, outcome: GiveUp) -> None:
         self.events.append(("task_gave_up", {"outcome": outcome}))
+
+    @hookimpl
+    def resilience_dead_letter_stored(self, entry: DeadLetter, trimmed: int) -> None:
+        self.events.append(("dead_letter_stored", _args(locals())))
+
+    @hookimpl
+    def resilience_dead_letter_replayed(self, entry: DeadLetter, task_id: str) -> None:
+        self.events.append(("dead_letter_replayed", _args(locals())))
+
+    @hookimpl
+    def resilience_dead_letter_deleted(self, entry_id: str) -> None:
+        self.events.append(("dead_letter_deleted", _args(locals())))
+
+    @hookimpl
+    def resilience_dead_letters_purged(self, task_name: str | None, count: int) -> None:
+        self.events.append(("dead_letters_purged", _args(locals())))
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from celery import Celery, Task
@@ -20,94 +19,22 @@ from celery import Celery, Task
 from celery_resilience import (
     Backoff,
     CrashBudgetExceeded,
-    DeadLetter,
     DeadLetterQueue,
     GiveUp,
     LockContended,
-    get_plugin_manager,
-    hookimpl,
     resilient,
 )
 from celery_resilience.runtime import runtime
+from tests.recorder import Recorder, recording
 
 FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
 
 
-class Observer:
-    """Implements every observer hook; ``calls`` holds (hook name, arguments) in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    def of(self, hook: str) -> list[dict[str, Any]]:
-        return [kwargs for name, kwargs in self.calls if name == hook]
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-    @hookimpl
-    def resilience_retry_scheduled(
-        self, task_name: str, task_id: str, attempt: int, reason: str, countdown: float
-    ) -> None:
-        self.calls.append(("resilience_retry_scheduled", _args(locals())))
-
-    @hookimpl
-    def resilience_lock_contended(
-        self, task_name: str, task_id: str, lock_key: str, lease_remaining: float
-    ) -> None:
-        self.calls.append(("resilience_lock_contended", _args(locals())))
-
-    @hookimpl
-    def resilience_redelivery_seen(
-        self, task_name: str, task_id: str, attempt: int, deliveries: int
-    ) -> None:
-        self.calls.append(("resilience_redelivery_seen", _args(locals())))
-
-    @hookimpl
-    def resilience_crash_budget_spent(
-        self, task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
-    ) -> None:
-        self.calls.append(("resilience_crash_budget_spent", _args(locals())))
-
-    @hookimpl
-    def resilience_duplicate_suppressed(self, task_name: str, task_id: str) -> None:
-        self.calls.append(("resilience_duplicate_suppressed", _args(locals())))
-
-    @hookimpl
-    def resilience_task_gave_up(self, outcome: GiveUp) -> None:
-        self.calls.append(("resilience_task_gave_up", {"outcome": outcome}))
-
-    @hookimpl
-    def resilience_dead_letter_stored(self, entry: DeadLetter, trimmed: int) -> None:
-        self.calls.append(("resilience_dead_letter_stored", _args(locals())))
-
-    @hookimpl
-    def resilience_dead_letter_replayed(self, entry: DeadLetter, task_id: str) -> None:
-        self.calls.append(("resilience_dead_letter_replayed", _args(locals())))
-
-    @hookimpl
-    def resilience_dead_letter_deleted(self, entry_id: str) -> None:
-        self.calls.append(("resilience_dead_letter_deleted", _args(locals())))
-
-    @hookimpl
-    def resilience_dead_letters_purged(self, task_name: str | None, count: int) -> None:
-        self.calls.append(("resilience_dead_letters_purged", _args(locals())))
-
-
-def _args(scope: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in scope.items() if k != "self"}
-
-
 @pytest.fixture
-def observer() -> Iterator[Observer]:
-    """An Observer registered with the process' plugin manager for one test."""
-    observer = Observer()
-    pm = get_plugin_manager()
-    pm.register(observer)
-    try:
-        yield observer
-    finally:
-        pm.unregister(observer)
+def observer() -> Iterator[Recorder]:
+    """A Recorder registered with the process' plugin manager for one test."""
+    with recording() as recorder:
+        yield recorder
 
 
 @pytest.fixture
@@ -144,7 +71,7 @@ def lost_deliveries(app: Celery, task_id: str, n: int, max_crashes: int = 3) -> 
 
 
 def test_resilience_retry_scheduled_reports_attempt_reason_and_countdown(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """Each retry the gate publishes is reported with its attempt, reason and countdown."""
 
@@ -157,7 +84,7 @@ def test_resilience_retry_scheduled_reports_attempt_reason_and_countdown(
 
     result = flaky.delay()
     assert result.get() == "done"
-    assert observer.of("resilience_retry_scheduled") == [
+    assert observer.of("retry_scheduled") == [
         {"task_name": flaky.name, "task_id": result.id, "attempt": 0, "reason": "exception",
          "countdown": 0.01},
         {"task_name": flaky.name, "task_id": result.id, "attempt": 1, "reason": "exception",
@@ -166,7 +93,7 @@ def test_resilience_retry_scheduled_reports_attempt_reason_and_countdown(
 
 
 def test_resilience_lock_contended_names_the_key_and_the_lease_left(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """An attempt that finds its lock held reports the key and the holder's remaining lease."""
     ran: list[int] = []
@@ -181,17 +108,17 @@ def test_resilience_lock_contended_names_the_key_and_the_lease_left(
     with pytest.raises(LockContended):
         result.get()
     assert ran == []
-    calls = observer.of("resilience_lock_contended")
+    calls = observer.of("lock_contended")
     assert [(c["task_name"], c["task_id"], c["lock_key"]) for c in calls] == [
         (report.name, result.id, "report:7")
     ] * 2
     assert all(0 < c["lease_remaining"] <= 20.0 for c in calls)
-    retries = observer.of("resilience_retry_scheduled")
+    retries = observer.of("retry_scheduled")
     assert [r["reason"] for r in retries] == ["lock_contended"]
 
 
 def test_resilience_redelivery_seen_counts_the_deliveries_of_the_attempt(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """A delivery of an attempt whose earlier delivery was lost is reported, then runs."""
 
@@ -203,14 +130,14 @@ def test_resilience_redelivery_seen_counts_the_deliveries_of_the_attempt(
     task_id = uuid.uuid4().hex
     lost_deliveries(app, task_id, 1)
     assert survivor.apply_async(task_id=task_id).get() == "ran"
-    assert observer.of("resilience_redelivery_seen") == [
+    assert observer.of("redelivery_seen") == [
         {"task_name": survivor.name, "task_id": task_id, "attempt": 0, "deliveries": 2}
     ]
-    assert observer.of("resilience_crash_budget_spent") == []
+    assert observer.of("crash_budget_spent") == []
 
 
 def test_resilience_crash_budget_spent_comes_before_the_give_up(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """max_crashes lost deliveries: reported with the budget, then a worker_lost give-up."""
     ran: list[int] = []
@@ -225,18 +152,18 @@ def test_resilience_crash_budget_spent_comes_before_the_give_up(
     with pytest.raises(CrashBudgetExceeded):
         poison.apply_async(task_id=task_id).get()
     assert ran == []
-    assert observer.of("resilience_crash_budget_spent") == [
+    assert observer.of("crash_budget_spent") == [
         {"task_name": poison.name, "task_id": task_id, "attempt": 0, "deliveries": 3,
          "max_crashes": 2}
     ]  # fmt: skip
     names = observer.names()
-    assert names.index("resilience_crash_budget_spent") < names.index("resilience_task_gave_up")
-    (gave_up,) = observer.of("resilience_task_gave_up")
+    assert names.index("crash_budget_spent") < names.index("task_gave_up")
+    (gave_up,) = observer.of("task_gave_up")
     assert gave_up["outcome"].reason == "worker_lost"
 
 
 def test_resilience_duplicate_suppressed_when_a_succeeded_task_id_comes_again(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """A second delivery of a task id that succeeded is reported and does not run."""
     runs: list[int] = []
@@ -249,15 +176,13 @@ def test_resilience_duplicate_suppressed_when_a_succeeded_task_id_comes_again(
 
     task_id = uuid.uuid4().hex
     assert once.apply_async((1,), task_id=task_id).get() == 1
-    assert observer.of("resilience_duplicate_suppressed") == []
+    assert observer.of("duplicate_suppressed") == []
     assert once.apply_async((1,), task_id=task_id).state == "IGNORED"
     assert runs == [1]
-    assert observer.of("resilience_duplicate_suppressed") == [
-        {"task_name": once.name, "task_id": task_id}
-    ]
+    assert observer.of("duplicate_suppressed") == [{"task_name": once.name, "task_id": task_id}]
 
 
-def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: Observer) -> None:
+def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: Recorder) -> None:
     """Retries spent: one give-up with reason, arguments, attempts and the exception."""
 
     @resilient(max_retries=1, retry_on=(TimeoutError,), backoff=FAST, dlq=False)
@@ -268,7 +193,7 @@ def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: Obse
     result = slow.delay(5, label="y")
     with pytest.raises(TimeoutError):
         result.get()
-    (call,) = observer.of("resilience_task_gave_up")
+    (call,) = observer.of("task_gave_up")
     outcome = call["outcome"]
     assert isinstance(outcome, GiveUp)
     assert (outcome.task_name, outcome.task_id, outcome.reason) == (
@@ -280,11 +205,11 @@ def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: Obse
     assert outcome.exception_type == "builtins.TimeoutError"
     assert "slow 5" in outcome.traceback
     # dlq=False: the give-up is still reported, but nothing is stored.
-    assert observer.of("resilience_dead_letter_stored") == []
+    assert observer.of("dead_letter_stored") == []
 
 
 def test_resilience_dead_letter_stored_reports_the_entry_and_what_the_cap_trimmed(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """Each stored dead letter is reported before the give-up, with the entries it trimmed."""
     app.conf.resilience_dlq_max_entries = 1
@@ -295,7 +220,7 @@ def test_resilience_dead_letter_stored_reports_the_entry_and_what_the_cap_trimme
         raise ValueError(n)
 
     first, second = fails.delay(1), fails.delay(2)
-    calls = observer.of("resilience_dead_letter_stored")
+    calls = observer.of("dead_letter_stored")
     assert [(c["entry"].task_id, c["entry"].reason, c["trimmed"]) for c in calls] == [
         (first.id, "error", 0),
         (second.id, "error", 1),
@@ -303,11 +228,11 @@ def test_resilience_dead_letter_stored_reports_the_entry_and_what_the_cap_trimme
     (kept,) = DeadLetterQueue(app).list(task_name=fails.name).entries
     assert calls[-1]["entry"] == kept
     names = observer.names()
-    assert names.index("resilience_dead_letter_stored") < names.index("resilience_task_gave_up")
+    assert names.index("dead_letter_stored") < names.index("task_gave_up")
 
 
 def test_resilience_dead_letter_replayed_reports_the_entry_before_the_replay(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """A replay reports the entry as it was stored and the task id it published."""
     attempts: list[int] = []
@@ -325,14 +250,14 @@ def test_resilience_dead_letter_replayed_reports_the_entry_before_the_replay(
     (entry,) = dlq.list().entries
     replayed = dlq.replay(entry.id)
     assert replayed.get() == 42
-    assert observer.of("resilience_dead_letter_replayed") == [{"entry": entry, "task_id": first.id}]
+    assert observer.of("dead_letter_replayed") == [{"entry": entry, "task_id": first.id}]
     assert entry.replays == 0
     assert dlq.count() == 0
     # A replay removes its entry without reporting a delete.
-    assert observer.of("resilience_dead_letter_deleted") == []
+    assert observer.of("dead_letter_deleted") == []
 
 
-def test_resilience_dead_letter_deleted_names_the_entry(app: Celery, observer: Observer) -> None:
+def test_resilience_dead_letter_deleted_names_the_entry(app: Celery, observer: Recorder) -> None:
     """DeadLetterQueue.delete reports the id it removed."""
 
     @resilient
@@ -344,12 +269,12 @@ def test_resilience_dead_letter_deleted_names_the_entry(app: Celery, observer: O
     dlq = DeadLetterQueue(app)
     (entry,) = dlq.list().entries
     dlq.delete(entry.id)
-    assert observer.of("resilience_dead_letter_deleted") == [{"entry_id": entry.id}]
+    assert observer.of("dead_letter_deleted") == [{"entry_id": entry.id}]
     assert dlq.count() == 0
 
 
 def test_resilience_dead_letters_purged_reports_task_name_and_count(
-    app: Celery, observer: Observer
+    app: Celery, observer: Recorder
 ) -> None:
     """purge(task_name=...) and purge() each report what they removed."""
 
@@ -369,8 +294,8 @@ def test_resilience_dead_letters_purged_reports_task_name_and_count(
     dlq = DeadLetterQueue(app)
     assert dlq.purge(task_name=first.name) == 3
     assert dlq.purge() == 1
-    assert observer.of("resilience_dead_letters_purged") == [
+    assert observer.of("dead_letters_purged") == [
         {"task_name": first.name, "count": 3},
         {"task_name": None, "count": 1},
     ]
-    assert observer.of("resilience_dead_letter_deleted") == []
+    assert observer.of("dead_letter_deleted") == []
