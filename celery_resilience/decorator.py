@@ -8,6 +8,7 @@ from typing import Any, TypeVar, overload
 
 from celery import Task
 from celery import _state as celery_state
+from celery.app.annotations import resolve_all as resolve_all_annotations
 from celery.local import PromiseProxy, Proxy
 
 from celery_resilience.backoff import Backoff
@@ -67,7 +68,8 @@ def resilient(
     Returns the task itself, so ``.delay()``, ``.apply_async()`` and ``.s()`` work
     unchanged. Raises ``TypeError`` when given a plain function and
     ``celery_resilience.errors.ConfigurationError`` for a bad option, such as a
-    lock template naming a parameter the task does not have.
+    lock template naming a parameter the task does not have, or a task that sets
+    ``acks_late=False`` itself (on ``@app.task``, a base class or ``task_annotations``).
     """
     options = ResilientOptions(
         max_retries=max_retries,
@@ -95,7 +97,9 @@ def _attach(obj: Any, options: ResilientOptions) -> None:
             make_resilient(obj._get_current_object(), options)
             return
         fun, task_options = _promise_target(obj)
-        _check_lock(options, fun, task_options.get("name") or fun.__qualname__)
+        name = task_options.get("name") or fun.__qualname__
+        _check_lock(options, fun, name)
+        _check_task_options(task_options, name)
         obj.__then__(lambda: make_resilient(obj._get_current_object(), options))
     elif issubclass(kind, Proxy):
         _attach_shared(obj, options)
@@ -131,6 +135,7 @@ def _attach_shared(proxy: Any, options: ResilientOptions) -> None:
         raise TypeError(f"@resilient cannot find the task behind {proxy!r}")
     name = scope.get("name")
     _check_lock(options, fun, name or fun.__qualname__)
+    _check_task_options(scope.get("options") or {}, name or fun.__qualname__)
 
     def apply_to(app: Any) -> None:
         task = app._tasks.get(name or app.gen_task_name(fun.__name__, fun.__module__))
@@ -150,6 +155,39 @@ def _attach_shared(proxy: Any, options: ResilientOptions) -> None:
 def _check_lock(options: ResilientOptions, fun: Callable[..., Any], task_name: str) -> None:
     if isinstance(options.lock, str):
         check_template(options.lock, fun, task_name)
+
+
+def _check_task_options(task_options: dict[str, Any], task_name: str) -> None:
+    """Refuse ``@app.task`` options that would silently lose the gate's guarantees."""
+    if task_options.get("acks_late") is False:
+        raise _early_ack(task_name, "acks_late=False is set on @app.task")
+
+
+def _early_ack(task_name: str, where: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"@resilient on task {task_name!r}: {where}; a task acked before it runs is lost "
+        "with its worker, so @resilient needs acks_late=True. Remove acks_late=False "
+        "(celery-resilience sets acks_late and reject_on_worker_lost on this task only)"
+    )
+
+
+def _explicit_early_ack(task: Any) -> str | None:
+    """Where an explicit ``acks_late=False`` on an already created task comes from, if any."""
+    cls = type(task)
+    for annotation in resolve_all_annotations(task.app.annotations, cls):
+        if annotation.get("acks_late") is False:
+            return "task_annotations sets acks_late=False for it"
+    if cls.acks_late is not False:
+        return None
+    # Task.bind (Celery 5.3-5.7) sets ``__bound__`` first, then copies task_acks_late
+    # onto the class only when the attribute was None: a key placed after
+    # ``__bound__`` came from the global setting, anything else from the user
+    # (an @app.task option, which type() put before it, or a base class).
+    keys = list(cls.__dict__)
+    set_by_bind = "acks_late" in keys and "__bound__" in keys
+    if set_by_bind and keys.index("acks_late") > keys.index("__bound__"):
+        return None
+    return "acks_late=False is set on the task (or its base class)"
 
 
 def make_resilient(task: Any, options: ResilientOptions) -> None:
@@ -172,6 +210,9 @@ def make_resilient(task: Any, options: ResilientOptions) -> None:
             "autoretry wrapper would run the body without the gate. Remove autoretry_for "
             "and the retry_* options and use @resilient(retry_on=..., backoff=Backoff(...))"
         )
+    early_ack = _explicit_early_ack(task)
+    if early_ack is not None:
+        raise _early_ack(task.name, early_ack)
     body = task.run
     _check_lock(options, body, task.name)
     if options.max_retries is None and cls.__dict__.get("max_retries") is not None:

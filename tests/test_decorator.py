@@ -211,3 +211,60 @@ def test_install_is_idempotent(app: Celery) -> None:
     install(app)
     assert runtime(app) is first
     assert list(app.steps["worker"]).count(ResilienceBootstep) == 1
+
+
+@pytest.mark.parametrize("declare", ["app.task", "shared_task", "finalized"])
+def test_acks_late_false_on_the_task_is_refused_at_decoration(app: Celery, declare: str) -> None:
+    """acks_late=False would lose the task with its worker: refused, naming task and option."""
+    if declare == "finalized":
+        app.finalize()
+    declarator = shared_task if declare == "shared_task" else app.task
+    name = f"early-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ConfigurationError, match=rf"task '{name}': acks_late=False is set"):
+
+        @resilient(max_retries=1)
+        @declarator(name=name, acks_late=False)
+        def early() -> None: ...
+
+
+def test_acks_late_false_from_a_base_class_is_refused(app: Celery) -> None:
+    """A base class with acks_late = False is the user's choice too: refused."""
+
+    class EarlyAck(Task):  # type: ignore[misc]
+        acks_late = False
+
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=r"acks_late=False is set on the task"):
+
+        @resilient(max_retries=1)
+        @app.task(shared=False, base=EarlyAck)
+        def early() -> None: ...
+
+
+def test_acks_late_false_from_task_annotations_is_refused(app: Celery) -> None:
+    """task_annotations setting acks_late=False for the task is named in the error."""
+    name = f"annotated-{uuid.uuid4().hex[:6]}"
+    app.conf.task_annotations = {name: {"acks_late": False}}
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=r"task_annotations sets acks_late=False"):
+
+        @resilient(max_retries=1)
+        @app.task(shared=False, name=name)
+        def annotated() -> None: ...
+
+
+@pytest.mark.parametrize("global_acks_late", [False, True])
+def test_global_task_acks_late_setting_is_not_mistaken_for_the_tasks_own(
+    app: Celery, global_acks_late: bool
+) -> None:
+    """The task_acks_late default (False) is not the task's choice: the task is made resilient."""
+    app.conf.task_acks_late = global_acks_late
+    app.finalize()
+
+    @resilient(max_retries=1)
+    @app.task(shared=False)
+    def plain() -> str:
+        return "ran"
+
+    assert plain.acks_late is True
+    assert plain.delay().get() == "ran"
