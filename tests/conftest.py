@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.services import reachable_redis, unavailable
+from tests.support.workers import free_port
 
 REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -47,22 +49,18 @@ def backend_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("redis_url"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def evicting_redis(tmp_path: Path) -> Iterator[str]:
-    """A private redis-server whose maxmemory-policy may evict keys."""
+@contextlib.contextmanager
+def _private_redis(directory: Path, *options: str) -> Iterator[str]:
+    """A redis-server of this test alone on a free loopback port, with ``options``;
+    yields its URL (db 0, the full-permission default user)."""
     executable = shutil.which("redis-server")
     if executable is None:
         unavailable("redis-server is not on PATH", "the test")
-    port = _free_port()
+    assert executable is not None
+    port = free_port()
     server = subprocess.Popen(
         [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--maxmemory-policy", "allkeys-lru", "--dir", str(tmp_path)],
+         "--appendonly", "no", "--dir", str(directory), *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -79,3 +77,18 @@ def evicting_redis(tmp_path: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.fixture
+def evicting_redis(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server whose maxmemory-policy may evict keys."""
+    with _private_redis(tmp_path, "--maxmemory-policy", "allkeys-lru") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for a module's ACL users (``tests.support.acl``); its URL
+    is the full-permission default user's."""
+    with _private_redis(tmp_path_factory.mktemp("acl-redis")) as url:
+        yield url
