@@ -18,7 +18,15 @@ channel with:
 
 One round trip per message while messages are waiting; two (wait + fetch) after idling.
 kombu still runs its own ``QoS.append`` on delivery, which rewrites the same two
-entries. Needs Redis >= 6.2 (``BLMOVE``); older servers keep kombu's ``BRPOP``.
+entries.
+
+Whether the server can do all this is found out by trying it, not by asking ``INFO``
+(which ACL users often lack, e.g. ``-@dangerous``): :func:`refusal` runs ``BLMOVE``,
+``SCRIPT LOAD`` and ``EVALSHA`` once without touching a message. A server without
+``BLMOVE`` (Redis < 6.2), or whose ACL refuses one of them, keeps kombu's ``BRPOP``,
+with one warning naming the command and the permission to grant. A refusal later on
+(the ACL changed, or refuses a command the script runs) turns reliable fetch off for
+that channel the same way; it never stops the worker.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -33,10 +42,23 @@ logger = logging.getLogger(__name__)
 # KEYS: unacked hash, unacked index, queue keys in fetch order.  ARGV: now (s).
 # Returns {index of the queue key (0-based), payload} or nil.  A payload that is not
 # kombu's JSON (no delivery tag) is popped and returned unrecorded, as BRPOP would.
+# Redis >= 7.0 checks each command against the user's ACL first, so a refused one
+# fails the script (NOPERM, naming it) before it changed anything.
 FETCH = """
+local function refused(command, ...)
+    if redis.acl_check_cmd and not redis.acl_check_cmd(command, ...) then
+        return redis.error_reply('NOPERM this user has no permissions to run the ' ..
+            "'" .. string.lower(command) .. "' command on these keys")
+    end
+end
 for i = 3, #KEYS do
+    local err = refused('LINDEX', KEYS[i], '-1')
+    if err then return err end
     local item = redis.call('LINDEX', KEYS[i], -1)
     if item then
+        err = refused('RPOP', KEYS[i]) or refused('ZADD', KEYS[2], '0', 'tag')
+            or refused('HSET', KEYS[1], 'tag', 'payload')
+        if err then return err end
         local ok, msg = pcall(cjson.decode, item)
         local tag, info
         if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
@@ -57,14 +79,54 @@ end
 return nil
 """
 
-_MIN_SERVER = (6, 2)
+_PROBE_WAIT = 0.01  # seconds the BLMOVE probe blocks on a missing key at most
+_OFF = (
+    "reliable fetch off, the worker fetches with kombu's BRPOP: a node that dies "
+    "while a message is in flight to it can lose that message"
+)
+
+# Each reason is logged once per process: a reconnected consumer probes its new channel.
+_warned: set[str] = set()
 
 
-def server_supports(client: Any) -> bool:
-    """Whether the Redis server behind ``client`` has ``BLMOVE`` (Redis >= 6.2)."""
-    version = str(client.info("server").get("redis_version", "0"))
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    return parts >= _MIN_SERVER
+def refusal(channel: Any) -> str | None:
+    """Why ``channel``'s Redis cannot fetch reliably, or ``None`` when it can.
+
+    Runs once each command reliable fetch needs that kombu's own fetch does not:
+    ``BLMOVE``, ``SCRIPT LOAD`` and ``EVALSHA``, on kombu's unacked keys (so an ACL key
+    pattern that lets kombu work lets the probe through) and without touching a
+    message: ``BLMOVE`` of the ``unacked_index`` sorted set onto itself fails with
+    ``WRONGTYPE`` (or blocks 10 ms if the key is missing); the script, given no queue
+    key, reads nothing. The reason names the refused command and the ACL rule that
+    grants it. No ``INFO``: ACL users often lack it (it is in ``@dangerous``), and an
+    unknown ``BLMOVE`` tells Redis < 6.2 apart as well. Connection errors propagate.
+    """
+    from redis import Redis
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    prefix = channel.global_keyprefix or ""
+    keys = [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
+    command, grant = "BLMOVE", "+blmove"
+    # Redis's own execute_command: kombu's client would add global_keyprefix to some keys.
+    execute: Callable[..., Any] = Redis.execute_command
+    with channel.conn_or_acquire() as client:
+        try:
+            try:
+                execute(client, "BLMOVE", keys[1], keys[1], "RIGHT", "RIGHT", _PROBE_WAIT)
+            except ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):  # WRONGTYPE: it exists and may run
+                    raise
+            command, grant = "SCRIPT LOAD", "+script|load"
+            sha = execute(client, "SCRIPT", "LOAD", FETCH)
+            command, grant = "EVALSHA", "+evalsha"
+            execute(client, "EVALSHA", sha, len(keys), *keys, time.time())
+        except NoPermissionError as exc:
+            return f"the broker's ACL refuses {command} ({exc}; grant {grant})"
+        except ResponseError as exc:
+            if "unknown command" in str(exc).lower():
+                return f"the broker's Redis has no {command} (Redis < 6.2, or renamed)"
+            return f"{command} failed on the broker's Redis: {exc}"
+    return None
 
 
 def install(channel: Any) -> bool:
@@ -72,23 +134,35 @@ def install(channel: Any) -> bool:
 
     Idempotent. Replaces the channel's ``_brpop_start``/``_brpop_read`` (and the
     ``BRPOP`` handler the poller calls) on this instance only; producers and other
-    channels keep kombu's behaviour. Returns ``False``, changing nothing, when the
-    server is older than Redis 6.2.
+    channels keep kombu's behaviour. Returns ``False``, changing nothing and warning
+    once why, when :func:`refusal` gives a reason (a server older than Redis 6.2, or an
+    ACL refusing a command reliable fetch needs); never raises for that.
     """
     if getattr(channel, "_resilience_fetch", None) is not None:
         return True
-    with channel.conn_or_acquire() as client:
-        if not server_supports(client):
-            logger.warning(
-                "celery-resilience: Redis < 6.2 has no BLMOVE: reliable fetch off, a node "
-                "that dies while a message is in flight to it can lose that message"
-            )
-            return False
+    if getattr(channel, "_resilience_fetch_off", None) is not None:
+        return False  # refused on this channel already: do not probe again
+    reason = refusal(channel)
+    if reason is not None:
+        _turn_off(channel, reason)
+        return False
     channel._resilience_fetch = _Fetcher(channel)
     channel._brpop_start = types.MethodType(_brpop_start, channel)
     channel._brpop_read = types.MethodType(_brpop_read, channel)
     channel.handlers["BRPOP"] = channel._brpop_read
     return True
+
+
+def _turn_off(channel: Any, reason: str) -> None:
+    """Give ``channel`` kombu's own fetch back and warn (once per ``reason``) why."""
+    for name in ("_brpop_start", "_brpop_read"):
+        channel.__dict__.pop(name, None)  # the class's (kombu's) methods show again
+    channel.handlers["BRPOP"] = channel._brpop_read
+    channel._resilience_fetch = None
+    channel._resilience_fetch_off = reason
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("celery-resilience: %s: %s", reason, _OFF)
 
 
 class _Fetcher:
@@ -121,7 +195,14 @@ def _brpop_start(self: Any, timeout: float | None = None) -> None:
     keys = [fetcher.prefix + key for _, key in pairs]
     fetcher.queues = [queue for queue, _ in pairs]
     if fetcher.fetch_next:
-        sha = fetcher.script(self)
+        from redis.exceptions import NoPermissionError
+
+        try:
+            sha = fetcher.script(self)
+        except NoPermissionError as exc:  # the ACL changed since install (a reload)
+            _turn_off(self, f"the broker's ACL refuses SCRIPT LOAD ({exc}; grant +script|load)")
+            self._brpop_start(timeout)
+            return
         unacked = [fetcher.prefix + self.unacked_key, fetcher.prefix + self.unacked_index_key]
         args: list[Any] = ["EVALSHA", sha, len(keys) + 2, *unacked, *keys, time.time()]
         fetcher.waiting = False
@@ -138,7 +219,7 @@ def _brpop_read(self: Any, **options: Any) -> bool:
     from kombu.transport.virtual import Empty
     from kombu.utils import json as kombu_json
     from kombu.utils.encoding import bytes_to_str
-    from redis.exceptions import NoScriptError
+    from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
     fetcher: _Fetcher = self._resilience_fetch
     try:
@@ -151,6 +232,13 @@ def _brpop_read(self: Any, **options: Any) -> bool:
         except NoScriptError:
             fetcher.sha = None  # the server lost its script cache (restart, SCRIPT FLUSH)
             fetcher.fetch_next = True
+            raise Empty() from None
+        except ResponseError as exc:
+            # Redis < 7.0 has no acl_check_cmd: a command refused inside the script
+            # fails it with a plain error (LINDEX, RPOP: before it changed anything).
+            if not isinstance(exc, NoPermissionError) and "can't run this command" not in str(exc):
+                raise
+            _turn_off(self, f"the broker's ACL refused a command of a fetch ({command}: {exc})")
             raise Empty() from None
         if fetcher.waiting:
             fetcher.fetch_next = True  # woken (or timed out): fetch from every key now

@@ -16,11 +16,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 from kombu import Consumer, Exchange, Producer, Queue
 from kombu.message import Message
 
 from celery_resilience import fetch
 from celery_resilience.heartbeat import sweep
+from tests.support.acl import acl_user
 from tests.support.broker import Broker
 
 # kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
@@ -160,3 +162,89 @@ def test_a_consumer_killed_between_pop_and_reply(
         assert [m.payload for m in survivor.consume(1)] == ["in-flight"]
     finally:
         survivor.close()
+
+
+# -- ACL users on a private redis-server ------------------------------------------------
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget which fallback reasons this process already warned about."""
+    monkeypatch.setattr(fetch, "_warned", set())
+
+
+def _acl_broker(acl_redis: str, key_prefix: str, user: str, *rules: str) -> Broker:
+    return Broker(acl_user(acl_redis, user, "~*", "&*", *rules), key_prefix)
+
+
+def test_a_user_without_info_fetches_reliably(
+    acl_redis: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server check needs no INFO: ``-info`` (or ``-@dangerous``) changes nothing."""
+    broker = _acl_broker(acl_redis, key_prefix, "noinfo", "+@all", "-@dangerous")
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            broker.channel.client.info()
+        assert fetch.install(broker.channel)
+        broker.publish("a")
+        (message,) = broker.consume(1)
+        assert set(broker.scores()) == {message.delivery_tag}  # recorded by the fetch
+    finally:
+        broker.close()
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+@pytest.mark.parametrize(
+    ("refused", "command", "grant"),
+    [
+        ("-blmove", "BLMOVE", "+blmove"),
+        ("-script|load", "SCRIPT LOAD", "+script|load"),
+        ("-evalsha", "EVALSHA", "+evalsha"),
+    ],
+)
+@pytest.mark.usefixtures("fresh_warnings")
+def test_a_refused_command_leaves_kombus_fetch_with_one_warning_naming_it(
+    acl_redis: str,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    refused: str,
+    command: str,
+    grant: str,
+) -> None:
+    """Install returns False, the channel keeps kombu's BRPOP and still gets its
+    messages; one warning (also for a second channel) names the command and the grant."""
+    broker = _acl_broker(acl_redis, key_prefix, "limited", "+@all", refused)
+    try:
+        assert fetch.install(broker.channel) is False
+        assert fetch.install(broker.connection.channel()) is False
+        assert "_brpop_start" not in vars(broker.channel)
+        broker.publish("a", "b")
+        assert [m.payload for m in broker.consume(2)] == ["a", "b"]
+    finally:
+        broker.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert f"the broker's ACL refuses {command} (" in warnings[0]
+    assert f"grant {grant})" in warnings[0]
+    assert "the worker fetches with kombu's BRPOP" in warnings[0]
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_a_command_refused_after_install_falls_back_without_losing_the_message(
+    acl_redis: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL reload that takes away RPOP (run inside the fetch script) turns reliable
+    fetch off on the next fetch; the message stays queued and kombu's BRPOP gets it."""
+    url = acl_user(acl_redis, "changed", "~*", "&*", "+@all")
+    broker = Broker(url, key_prefix)
+    try:
+        assert fetch.install(broker.channel)
+        acl_user(acl_redis, "changed", "~*", "&*", "+@all", "-rpop")
+        broker.publish("kept")
+        assert [m.payload for m in broker.consume(1)] == ["kept"]
+        assert "_brpop_start" not in vars(broker.channel)
+    finally:
+        broker.close()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "the broker's ACL refused a command of a fetch (EVALSHA: " in warning
+    assert "'rpop' command" in warning
