@@ -27,6 +27,16 @@ class MalformedEntry(ResilienceError):
     """A stored dead letter could not be decoded; the message names the entry."""
 
 
+MAX_DEPTH = 100
+"""How deeply a stored entry may nest (the entry object itself is level 1).
+
+Deeper arguments are kept as a raw body, so every decoded entry can be copied,
+shown and encoded again without reaching Python's recursion limit.
+"""
+
+# The latest Unix time Python's datetime can show (9999-12-31 23:59:59 UTC).
+_LATEST = 253402300799.0
+
 _TEXT = ("id", "task_id", "task_name", "reason", "exception_type", "exception_message")
 _FIELD_TYPES: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = (
     ((*_TEXT, "traceback", "args_repr", "kwargs_repr"), str),
@@ -37,6 +47,44 @@ _FIELD_TYPES: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = (
     (("queue", "exchange", "routing_key", "lock_key", "hostname"), (str, type(None))),
     (("priority",), (int, type(None))),
 )
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a valid value")
+
+
+def _depth(value: Any) -> int:
+    """How many lists/objects deep ``value`` nests (0 for a scalar), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:  # deeper is rejected anyway; stop counting there
+                children = item.values() if isinstance(item, dict) else item
+                stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _invalid_field(entry: DeadLetter) -> tuple[str, Any] | None:
+    """The first field of ``entry`` with a value of the wrong type or range, if any."""
+    for names, kinds in _FIELD_TYPES:
+        for name in names:
+            value = getattr(entry, name)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                return name, value
+    for name in ("first_failure_at", "last_failure_at"):
+        if not 0 <= getattr(entry, name) <= _LATEST:
+            return name, getattr(entry, name)
+    if entry.argnames is not None and not all(isinstance(n, str) for n in entry.argnames):
+        return "argnames", entry.argnames
+    body = entry.body
+    if body is not None:
+        for name in ("data", "content_type", "content_encoding"):
+            if not isinstance(getattr(body, name), str):
+                return f"body.{name}", getattr(body, name)
+    return None
 
 
 @dataclass(frozen=True)
@@ -91,24 +139,50 @@ class DeadLetter:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes, entry_id: str = "?") -> DeadLetter:
-        """Decode a stored entry; raise ``MalformedEntry`` naming it if it is not one."""
+    def from_json(cls, text: str | bytes, entry_id: str | None = None) -> DeadLetter:
+        """Decode a stored entry; raise ``MalformedEntry`` naming it if it is not one.
+
+        However the text is malformed (not UTF-8, not JSON, nested deeper than
+        ``MAX_DEPTH``, ``NaN``, not an object, a field of the wrong type, a time
+        out of range, or an ``id`` other than ``entry_id``), the error is
+        ``MalformedEntry``; a decoded entry is safe to show, page and replay.
+        """
+        name = entry_id or "?"
         try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError("not an object")
-            known = {f.name for f in fields(cls)}
-            values = {k: v for k, v in data.items() if k in known}
+            data = json.loads(text, parse_constant=_no_constant)
+        except RecursionError:
+            raise MalformedEntry(
+                f"dead letter {name} cannot be decoded: nested too deeply"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise MalformedEntry(f"dead letter {name} cannot be decoded: {exc}") from None
+        if not isinstance(data, dict):
+            raise MalformedEntry(
+                f"dead letter {name} cannot be decoded: a JSON {type(data).__name__}, not an object"
+            )
+        if _depth(data) > MAX_DEPTH:
+            raise MalformedEntry(
+                f"dead letter {name} cannot be decoded: nested deeper than {MAX_DEPTH} levels"
+            )
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
             if values.get("body") is not None:
                 values["body"] = RawBody(**values["body"])
             entry = cls(**values)
-        except (ValueError, TypeError) as exc:
-            raise MalformedEntry(f"dead letter {entry_id} cannot be decoded: {exc}") from None
-        for names, kinds in _FIELD_TYPES:
-            for name in names:
-                value = getattr(entry, name)
-                if not isinstance(value, kinds) or isinstance(value, bool):
-                    raise MalformedEntry(f"dead letter {entry_id} has an invalid {name}: {value!r}")
+        except TypeError as exc:
+            raise MalformedEntry(f"dead letter {name} cannot be decoded: {exc}") from None
+        problem = _invalid_field(entry)
+        if problem is not None:
+            field_name, value = problem
+            raise MalformedEntry(
+                f"dead letter {name} has an invalid {field_name}: {_repr(value, 80)}"
+            )
+        if entry_id is not None and entry.id != entry_id:
+            raise MalformedEntry(
+                f"dead letter {name} has an invalid id: {_repr(entry.id, 80)} "
+                "is not the id it is stored under"
+            )
         return entry
 
     def summary(self) -> dict[str, Any]:
@@ -165,9 +239,12 @@ def _arguments(
     try:
         # Strict JSON: what loads back as the same values. Anything else is kept
         # in the task serializer's own form.
-        if json.loads(json.dumps([args, kwargs])) == [args, kwargs]:
+        if (
+            json.loads(json.dumps([args, kwargs], allow_nan=False)) == [args, kwargs]
+            and _depth([args, kwargs]) <= MAX_DEPTH
+        ):
             return args, kwargs, None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         pass
     from kombu.serialization import dumps
 

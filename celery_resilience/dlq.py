@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from celery_resilience.deadletter import FIRST_FAILURE_HEADER, REPLAYS_HEADER, D
 from celery_resilience.errors import ResilienceError
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
+
+logger = logging.getLogger(__name__)
 
 MAX_REPLAYS = 3
 """An entry replayed this many times is refused unless ``force=True``."""
@@ -34,12 +37,32 @@ class ReplayFailed(ResilienceError):
     """The replay could not be published; the entry is still in the queue."""
 
 
+class ReplayNotRemoved(ResilienceError):
+    """The task WAS published again, but its entry could not be removed afterwards.
+
+    The entry stays in the queue (a second replay would run the task twice);
+    ``entry_id`` and ``task_id`` say which, and ``result`` is the published task's.
+    """
+
+    def __init__(self, message: str, *, entry_id: str, result: AsyncResult) -> None:
+        super().__init__(message)
+        self.entry_id = entry_id
+        self.task_id: str = result.id
+        self.result = result
+
+
 @dataclass
 class ReplayReport:
-    """What ``replay_all`` did: ids replayed, and ids refused or failed with why."""
+    """What ``replay_all`` did: ids replayed, and ids refused or failed with why.
+
+    ``not_removed`` holds the ids (also in ``replayed``) whose task was published but
+    whose entry could not be removed, with why; ``refused`` also names the entries
+    that could not be decoded.
+    """
 
     replayed: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    not_removed: dict[str, str] = field(default_factory=dict)
 
 
 class DeadLetterQueue:
@@ -66,7 +89,10 @@ class DeadLetterQueue:
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
-        """Return a page of entries, newest first; pass ``page.cursor`` for the next one."""
+        """Return a page of entries, newest first; pass ``page.cursor`` for the next one.
+
+        Entries that cannot be decoded are skipped and named in ``page.skipped``.
+        """
         return self.backend.list(
             task_name=task_name,
             reason=reason,
@@ -76,11 +102,19 @@ class DeadLetterQueue:
         )
 
     def iter(self, task_name: str | None = None, reason: str | None = None) -> Iterator[DeadLetter]:
-        """Every matching entry, newest first, page by page."""
+        """Every matching entry, newest first, page by page; entries that cannot be
+        decoded are skipped, each logged at warning."""
+        for page in self.pages(task_name=task_name, reason=reason):
+            for entry_id, why in page.skipped:
+                logger.warning("celery-resilience: skipped dead letter %s: %s", entry_id, why)
+            yield from page.entries
+
+    def pages(self, task_name: str | None = None, reason: str | None = None) -> Iterator[Page]:
+        """Every matching page of 500 entries, newest first (``skipped`` included)."""
         cursor: str | None = None
         while True:
             page = self.list(task_name=task_name, reason=reason, limit=500, cursor=cursor)
-            yield from page.entries
+            yield page
             if page.cursor is None:
                 return
             cursor = page.cursor
@@ -101,9 +135,10 @@ class DeadLetterQueue:
         """Publish the entry's task again, then remove the entry; return its result.
 
         Same task id, queue, exchange and routing key, a fresh retry budget and
-        ``replays + 1``. Raises ``UnknownEntry``, ``ReplayRefused`` (a task
-        name this app does not know, or more than 3 replays without ``force``) or
-        ``ReplayFailed`` (the publish failed; the entry stays).
+        ``replays + 1``. Raises ``UnknownEntry``, ``MalformedEntry`` (it cannot be
+        decoded), ``ReplayRefused`` (a task name this app does not know, or more than
+        3 replays without ``force``), ``ReplayFailed`` (the publish failed; the entry
+        stays) or ``ReplayNotRemoved`` (published, but the entry stays).
         """
         entry = self.get(entry_id)
         task = self.app.tasks.get(entry.task_name)
@@ -124,11 +159,26 @@ class DeadLetterQueue:
                 f"dead letter {entry_id} could not be published, it stays in the queue: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        self.backend.delete(entry_id)
-        notify(
-            self._rt.plugins, "resilience_dead_letter_replayed", entry=entry, task_id=entry.task_id
-        )
-        return AsyncResult(entry.task_id, app=self.app)
+        result = AsyncResult(entry.task_id, app=self.app)
+        try:
+            self.backend.delete(entry_id)
+        except Exception as exc:
+            raise ReplayNotRemoved(
+                f"dead letter {entry_id} WAS replayed (published as task {entry.task_id}) "
+                f"but could not be removed, so it is still listed: {type(exc).__name__}: "
+                f"{exc}; delete it (dlq rm {entry_id}) so it is not replayed twice",
+                entry_id=entry_id,
+                result=result,
+            ) from exc
+        finally:
+            # Published either way: observers count the replay.
+            notify(
+                self._rt.plugins,
+                "resilience_dead_letter_replayed",
+                entry=entry,
+                task_id=entry.task_id,
+            )
+        return result
 
     def replay_all(
         self,
@@ -139,18 +189,25 @@ class DeadLetterQueue:
         force: bool = False,
     ) -> ReplayReport:
         """Replay every matching entry at most ``rate`` per second (default
-        ``resilience_dlq_replay_rate``, 50). Entries refused or failing are reported,
-        not raised, and stay in the queue."""
+        ``resilience_dlq_replay_rate``, 50). Entries refused, failing or that cannot
+        be decoded are reported, not raised, and stay in the queue."""
         interval = 1.0 / (rate or self._rt.settings.dlq_replay_rate)
         report = ReplayReport()
+        entries: list[DeadLetter] = []
+        for page in self.pages(task_name=task_name, reason=reason):
+            entries += page.entries
+            report.refused.update(page.skipped)
         next_at = time.monotonic()
-        for entry in list(self.iter(task_name=task_name, reason=reason)):
+        for entry in entries:
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             next_at = max(next_at, time.monotonic()) + interval
             try:
                 self.replay(entry.id, force=force)
+            except ReplayNotRemoved as exc:
+                report.replayed.append(entry.id)
+                report.not_removed[entry.id] = str(exc)
             except ResilienceError as exc:
                 report.refused[entry.id] = str(exc)
             else:

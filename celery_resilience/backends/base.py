@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -142,11 +142,14 @@ class Page:
     """One page of dead letters, newest first.
 
     ``cursor`` is passed back to ``list`` for the next page; ``None`` means this was
-    the last page.
+    the last page. ``skipped`` names the entries of this page's span that could not
+    be decoded, as ``(entry id, the error naming it)`` pairs, newest first; a backend that keeps
+    decoded objects leaves it empty.
     """
 
     entries: list[DeadLetter]
     cursor: str | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,8 @@ class DeadLetterBackend(Protocol):
     are given. Each method is atomic on its own. Methods raise
     ``celery_resilience.errors.BackendUnavailable`` when the store cannot be
     reached, and ``celery_resilience.deadletter.MalformedEntry`` for an entry
-    that cannot be decoded (``list`` skips those and logs them instead).
+    that cannot be decoded (``list`` skips those and names them in
+    ``Page.skipped``; a backend written before that field only logs them).
     """
 
     url: str

@@ -8,7 +8,6 @@ never points at a half-written entry.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,74 +22,134 @@ from celery_resilience.backends.base import (
 from celery_resilience.backends.redis import call, connect
 from celery_resilience.deadletter import DeadLetter, MalformedEntry
 from celery_resilience.hookspecs import hookimpl
+from celery_resilience.outcome import GIVE_UP_REASONS
 from celery_resilience.settings import Settings
 from celery_resilience.urls import mask_url
 
-logger = logging.getLogger(__name__)
-
 # Shared by the scripts: remove entry `id` from the store and from every index.
-# `{prefix}:dlq:meta` maps id -> "task name \31 reason", so even an entry whose
-# JSON cannot be decoded leaves no index member behind.
-_DROP = """
-local function drop(prefix, id)
-  local meta = redis.call('HGET', prefix .. ':dlq:meta', id)
-  redis.call('ZREM', prefix .. ':dlq:all', id)
-  local existed = redis.call('DEL', prefix .. ':dlq:e:' .. id)
-  if not meta then
-    if existed == 1 then return '' end
-    return nil
-  end
-  redis.call('HDEL', prefix .. ':dlq:meta', id)
+# `{prefix}:dlq:meta` maps id -> "task name \31 reason"; when that value is missing
+# or corrupt, the entry is looked for under the task name and reason its JSON
+# names, every task name in `{prefix}:dlq:tasks` and every give-up reason.
+# Redis keeps the writes of a script that fails halfway, so nothing here can fail
+# on what it reads: reads check the key's type first (a key of another type holds
+# none of ours), and a write goes only to a key of the type it needs.
+_DROP = (
+    "local REASONS = {"
+    + ", ".join(f"'{r}'" for r in GIVE_UP_REASONS)
+    + "}"
+    + """
+local function kind(key) return redis.call('TYPE', key)['ok'] end
+local function zrem(key, id)
+  if kind(key) == 'zset' then return redis.call('ZREM', key, id) end
+  return 0
+end
+local function split(meta)
+  if type(meta) ~= 'string' then return nil end
   local cut = string.find(meta, '\\31', 1, true)
-  local task, reason = string.sub(meta, 1, cut - 1), string.sub(meta, cut + 1)
-  redis.call('ZREM', prefix .. ':dlq:t:' .. task, id)
-  redis.call('ZREM', prefix .. ':dlq:r:' .. reason, id)
-  redis.call('ZREM', prefix .. ':dlq:tr:' .. task .. ':' .. reason, id)
-  return task
+  if not cut or cut == 1 or cut == #meta then return nil end
+  return string.sub(meta, 1, cut - 1), string.sub(meta, cut + 1)
+end
+local function places(prefix, id, meta)
+  local task, reason = split(meta)
+  if task then return {[task] = true}, {[reason] = true} end
+  local tasks, reasons = {}, {}
+  for _, r in ipairs(REASONS) do reasons[r] = true end
+  if kind(prefix .. ':dlq:tasks') == 'set' then
+    for _, t in ipairs(redis.call('SMEMBERS', prefix .. ':dlq:tasks')) do tasks[t] = true end
+  end
+  local key = prefix .. ':dlq:e:' .. id
+  if kind(key) == 'string' then
+    local ok, doc = pcall(cjson.decode, redis.call('GET', key))
+    if ok and type(doc) == 'table' then
+      if type(doc.task_name) == 'string' then tasks[doc.task_name] = true end
+      if type(doc.reason) == 'string' then reasons[doc.reason] = true end
+    end
+  end
+  return tasks, reasons
+end
+-- Returns true if anything of `id` was there.
+local function drop(prefix, id)
+  local metakey = prefix .. ':dlq:meta'
+  local meta = false
+  if kind(metakey) == 'hash' then meta = redis.call('HGET', metakey, id) end
+  local tasks, reasons = places(prefix, id, meta)
+  local found = meta ~= false
+  if found then redis.call('HDEL', metakey, id) end
+  if redis.call('DEL', prefix .. ':dlq:e:' .. id) == 1 then found = true end
+  if zrem(prefix .. ':dlq:all', id) == 1 then found = true end
+  for task in pairs(tasks) do
+    zrem(prefix .. ':dlq:t:' .. task, id)
+    for reason in pairs(reasons) do zrem(prefix .. ':dlq:tr:' .. task .. ':' .. reason, id) end
+  end
+  for reason in pairs(reasons) do zrem(prefix .. ':dlq:r:' .. reason, id) end
+  return found
 end
 """
+)
 
 # KEYS: none (all keys derive from ARGV[1]; a Cluster port must hash-tag the prefix)
 # ARGV: 1 prefix, 2 id, 3 entry JSON, 4 score (us), 5 task name, 6 reason,
 #       7 retention cutoff (us), 8 max entries per task name
-# Returns {trimmed, expired}.
+# Returns {trimmed, expired}, or an error (before any write) when a key it writes
+# holds another type.
 STORE = (
     _DROP
     + """
 local p, id, score, task, reason = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
+local all, bytask = p .. ':dlq:all', p .. ':dlq:t:' .. task
+local need = {
+  {p .. ':dlq:meta', 'hash'}, {all, 'zset'}, {bytask, 'zset'}, {p .. ':dlq:r:' .. reason, 'zset'},
+  {p .. ':dlq:tr:' .. task .. ':' .. reason, 'zset'}, {p .. ':dlq:tasks', 'set'},
+}
+for _, want in ipairs(need) do
+  local have = kind(want[1])
+  if have ~= 'none' and have ~= want[2] then
+    return redis.error_reply('key ' .. want[1] .. ' holds a ' .. have .. ', not a ' ..
+      want[2] .. '; nothing was written')
+  end
+end
+-- A counter that is not an integer is set afresh rather than failing INCRBY.
+local counter, counted = p .. ':dlq:trimmed:' .. task, false
+if kind(counter) == 'string' then
+  local n = tonumber(redis.call('GET', counter))
+  counted = n ~= nil and n == math.floor(n) and math.abs(n) < 2^53
+end
 redis.call('SET', p .. ':dlq:e:' .. id, ARGV[3])
 redis.call('HSET', p .. ':dlq:meta', id, task .. '\\31' .. reason)
-redis.call('ZADD', p .. ':dlq:all', score, id)
-redis.call('ZADD', p .. ':dlq:t:' .. task, score, id)
+redis.call('ZADD', all, score, id)
+redis.call('ZADD', bytask, score, id)
 redis.call('ZADD', p .. ':dlq:r:' .. reason, score, id)
 redis.call('ZADD', p .. ':dlq:tr:' .. task .. ':' .. reason, score, id)
 redis.call('SADD', p .. ':dlq:tasks', task)
 local expired = 0
-local stale = redis.call('ZRANGEBYSCORE', p .. ':dlq:all', '-inf', ARGV[7], 'LIMIT', 0, 200)
-for _, old in ipairs(stale) do
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', all, '-inf', ARGV[7], 'LIMIT', 0, 200)) do
   drop(p, old)
   expired = expired + 1
 end
 local trimmed = 0
-local excess = redis.call('ZCARD', p .. ':dlq:t:' .. task) - tonumber(ARGV[8])
+local excess = redis.call('ZCARD', bytask) - tonumber(ARGV[8])
 if excess > 0 then
-  for _, old in ipairs(redis.call('ZRANGE', p .. ':dlq:t:' .. task, 0, excess - 1)) do
+  for _, old in ipairs(redis.call('ZRANGE', bytask, 0, excess - 1)) do
     drop(p, old)
-    redis.call('ZREM', p .. ':dlq:t:' .. task, old)
+    redis.call('ZREM', bytask, old)
     trimmed = trimmed + 1
   end
-  redis.call('INCRBY', p .. ':dlq:trimmed:' .. task, trimmed)
+  if counted then
+    redis.call('INCRBY', counter, trimmed)
+  else
+    redis.call('SET', counter, trimmed)
+  end
 end
 return {trimmed, expired}
 """
 )
 
-# ARGV: 1 prefix, 2 id. Returns 1 if an entry was removed.
+# ARGV: 1 prefix, 2 id. Returns 1 if anything of the entry was there (and is gone).
 DELETE = (
     _DROP
     + """
-if drop(ARGV[1], ARGV[2]) == nil then return 0 end
-return 1
+if drop(ARGV[1], ARGV[2]) then return 1 end
+return 0
 """
 )
 
@@ -99,6 +158,7 @@ return 1
 PURGE = (
     _DROP
     + """
+if kind(ARGV[2]) ~= 'zset' then return 0 end
 local n = 0
 for _, id in ipairs(redis.call('ZRANGE', ARGV[2], 0, tonumber(ARGV[3]) - 1)) do
   drop(ARGV[1], id)
@@ -108,6 +168,10 @@ end
 return n
 """
 )
+
+_Place = tuple[int, str]  # (score, id): where an index row sorts
+_Rows = list[tuple[bytes, float]]
+_Decoded = list[tuple[_Place, DeadLetter | str]]
 
 _EVICTING = {
     "allkeys-lru",
@@ -179,10 +243,11 @@ class RedisDeadLetterBackend:
         if cursor is not None:
             after = decode_cursor(cursor)
             top = str(after[0])
-        entries: list[DeadLetter] = []
+        found: list[tuple[_Place, DeadLetter]] = []
+        skipped: list[tuple[_Place, str]] = []
         offset = 0
         batch = limit + 1
-        while len(entries) <= limit:
+        while len(found) <= limit:
             rows = self._call(
                 "list",
                 self._client.zrevrangebyscore,
@@ -196,25 +261,46 @@ class RedisDeadLetterBackend:
             if not rows:
                 break
             offset += len(rows)
-            ids = [
-                (member.decode(), int(score))
-                for member, score in rows
-                if after is None or (int(score), member.decode()) < after
-            ]
-            keys = [f"{self._prefix}:dlq:e:{i}" for i, _ in ids]
-            raws = self._call("list", self._client.mget, keys) if keys else []
-            for (entry_id, _), raw in zip(ids, raws, strict=True):
-                if raw is None:
-                    continue  # deleted or trimmed since the index was read
-                try:
-                    entries.append(DeadLetter.from_json(raw, entry_id))
-                except MalformedEntry as exc:
-                    logger.error("celery-resilience: %s; skipped", exc)
+            for place, entry_or_why in self._decode(rows, after):
+                if isinstance(entry_or_why, DeadLetter):
+                    found.append((place, entry_or_why))
+                else:
+                    skipped.append((place, entry_or_why))
             if len(rows) < batch:
                 break
-        page = entries[:limit]
-        more = len(entries) > limit
-        return Page(page, encode_cursor(score_of(page[-1]), page[-1].id) if more else None)
+        page = found[:limit]
+        cursor_at = page[-1][0] if len(found) > limit else None
+        return Page(
+            [entry for _, entry in page],
+            None if cursor_at is None else encode_cursor(*cursor_at),
+            # Those past the cursor are the next page's to name.
+            [(place[1], why) for place, why in skipped if cursor_at is None or place > cursor_at],
+        )
+
+    def _decode(self, rows: _Rows, after: _Place | None) -> _Decoded:
+        """Each index row after ``after`` as ((score, id), entry or why it is skipped)."""
+        places: list[tuple[_Place, bytes]] = []
+        decoded: _Decoded = []
+        for member, score in rows:
+            try:
+                place = (int(score), member.decode())
+            except UnicodeDecodeError:
+                shown = member.decode(errors="backslashreplace")
+                why = f"dead letter {shown} cannot be decoded: its id is not UTF-8 text"
+                decoded.append(((int(score), shown), why))
+                continue
+            if after is None or place < after:
+                places.append((place, self._prefix.encode() + b":dlq:e:" + member))
+        raws = self._call("list", self._client.mget, [key for _, key in places]) if places else []
+        for (place, _), raw in zip(places, raws, strict=True):
+            if raw is None:
+                continue  # deleted or trimmed since the index was read
+            try:
+                decoded.append((place, DeadLetter.from_json(raw, place[1])))
+            except MalformedEntry as exc:
+                decoded.append((place, str(exc)))
+        decoded.sort(key=lambda item: item[0], reverse=True)
+        return decoded
 
     def count(
         self, *, task_name: str | None = None, reason: str | None = None, newer_than: float = 0.0
