@@ -17,7 +17,9 @@ step (in the worker's main process, where kombu's QoS lives):
    mutex), so a due message returns within that interval, also on kombu versions whose
    own sweep scans only every ~100 s;
 3. makes the consumer channel fetch reliably (``celery_resilience.fetch``), so a
-   message is recorded as unacked by the command that pops it.
+   message is recorded as unacked by the command that pops it; where the server or
+   the broker user's ACL cannot (no ``BLMOVE``, a refused script command), the channel
+   keeps kombu's fetch, with one warning, and the heartbeat runs all the same.
 
 A tick is ``min(visibility_timeout / 4, 30 s)``. Both run on the consumer's timer (the
 event loop of the prefork and threads pools), except under the solo pool, whose main

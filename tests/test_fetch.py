@@ -23,7 +23,7 @@ from kombu.message import Message
 from celery_resilience import fetch
 from celery_resilience.heartbeat import sweep
 from tests.support.acl import acl_user
-from tests.support.broker import Broker
+from tests.support.broker import LONG_AGO, Broker
 
 # kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
@@ -248,3 +248,18 @@ def test_a_command_refused_after_install_falls_back_without_losing_the_message(
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "the broker's ACL refused a command of a fetch (EVALSHA: " in warning
     assert "'rpop' command" in warning
+
+
+def test_the_server_check_leaves_an_existing_unacked_index_as_it_was(
+    redis_url: str, key_prefix: str
+) -> None:
+    """A worker restarting over unacked messages: the probe's BLMOVE on the sorted set
+    fails as WRONGTYPE (so BLMOVE exists), reliable fetch is on, the index unchanged."""
+    broker = Broker(redis_url, key_prefix)
+    try:
+        broker.raw.zadd(broker.key("unacked_index"), {"tag-of-a-dead-worker": LONG_AGO})
+        assert fetch.refusal(broker.channel) is None
+        assert fetch.install(broker.channel)
+        assert broker.scores() == {"tag-of-a-dead-worker": LONG_AGO}
+    finally:
+        broker.close()
