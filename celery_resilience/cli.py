@@ -424,7 +424,13 @@ def purge(task_name: str | None, yes: bool) -> None:
 def doctor(
     grace_period: float | None, longest_task: float | None, consumer_timeout: float | None
 ) -> None:
-    """Check the settings that make tasks run twice, wait long or vanish; exit 1 on any."""
+    """Check the settings that make tasks run twice, wait long or vanish; exit 1 on any.
+
+    Prints a line per finding (warnings too), then how long a dead node's tasks take to
+    come back, then ``ok: ...`` when nothing but warnings was found.
+    """
+    from celery_resilience.doctor import recovery
+
     app = _app()
     app.loader.import_default_modules()
     findings = diagnose(
@@ -435,7 +441,8 @@ def doctor(
     )
     for finding in findings:
         click.echo(_line(str(finding)))
-    if findings:
+    click.echo(_line(f"recovery: {recovery(app, consumer_timeout=consumer_timeout).summary}"))
+    if any(not finding.warning for finding in findings):
         raise click.exceptions.Exit(1)
     tasks = sum(1 for t in app.tasks.values() if getattr(type(t), "__resilience__", None))
     click.echo(f"ok: no dangerous settings found ({tasks} resilient tasks checked)")

@@ -1,40 +1,69 @@
 """``resilience doctor``: find settings that make tasks run twice, wait long, or vanish.
 
-Each check reads the app's configuration (and, for the DLQ, asks its backend) and
-returns findings: what is dangerous and how to fix it. No finding means the
-configuration is safe for what the checks know.
+Each check reads the app's configuration (and asks the coordination and DLQ backends)
+and returns findings: what is dangerous and how to fix it. No finding (but warnings)
+means the configuration is safe for what the checks know. ``recovery`` says how long
+a dead node's tasks take to come back with the settings read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from celery_resilience.errors import ResilienceError
+import kombu
+
+from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
+from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
+from celery_resilience.heartbeat import sweep_interval, tick_interval
 from celery_resilience.runtime import runtime
+from celery_resilience.settings import Settings, broker_url, unshared_backend
+from celery_resilience.urls import mask_url
 
 _REDIS = ("redis://", "rediss://", "sentinel://", "redis+socket://")
 _AMQP = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0  # kombu's Redis transport, seconds
 DEFAULT_CONSUMER_TIMEOUT = 1800.0  # RabbitMQ >= 3.8.15, seconds
 REQUEUE_MARGIN = 10.0  # seconds a worker needs after soft shutdown to requeue
+DEFAULT_AMQP_HEARTBEAT = 60.0  # RabbitMQ's server-side heartbeat timeout, seconds
+KOMBU_RESTORE_SWEEP = 100.0  # kombu's own sweep without the heartbeat: 10 s x 10, seconds
+MAX_RECOVERY = 300.0  # a dead node's tasks waiting longer than this is a finding, seconds
+_PERSISTED = ("redis://", "rediss://", "unix://")  # URLs whose server doctor can ask
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One dangerous setting: which, what goes wrong, and the fix."""
+    """One dangerous setting: which, what goes wrong, and the fix.
+
+    A ``warning`` (e.g. a check that could not be made) is reported but does not make
+    ``doctor`` fail.
+    """
 
     setting: str
     problem: str
     fix: str
+    warning: bool = False
 
     def __str__(self) -> str:
-        return f"{self.setting}: {self.problem} Fix: {self.fix}"
+        text = f"{self.setting}: {self.problem} Fix: {self.fix}"
+        return f"warning: {text}" if self.warning else text
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How long a dead node's tasks take to come back, for the settings read.
+
+    ``within`` is the bound in seconds when the settings fix one, else None;
+    ``summary`` says it in one sentence.
+    """
+
+    within: float | None
+    summary: str
 
 
 def _broker(conf: Any) -> str:
-    url = conf.get("broker_url") or ""
-    return url.split(";")[0].strip().lower() if isinstance(url, str) else ""
+    return broker_url(conf).lower()
 
 
 def _resilient_tasks(app: Any) -> list[Any]:
@@ -68,6 +97,7 @@ def diagnose(
             ))  # fmt: skip
     if broker.startswith(_REDIS):
         findings += _visibility(conf, settings.visibility_heartbeat, tasks)
+        findings += _recovery_time(app, conf)
     if broker.startswith(_AMQP) and longest_task is not None:
         timeout = consumer_timeout or DEFAULT_CONSUMER_TIMEOUT
         if longest_task >= timeout:
@@ -80,23 +110,89 @@ def diagnose(
             ))  # fmt: skip
     if grace_period is not None:
         findings += _shutdown(conf, grace_period)
-    findings += _dlq(app)
+    findings += _backends(app, settings)
     return findings
+
+
+def _visibility_timeout(conf: Any) -> float:
+    """The Redis broker's visibility timeout in seconds (kombu's default when unset)."""
+    options = conf.get("broker_transport_options") or {}
+    return float(options.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
+
+
+def _about(seconds: float) -> str:
+    """``seconds`` rounded for a reader: "12 s", "5 min", "1.5 h"."""
+    if seconds < 300:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def recovery(app: Any, *, consumer_timeout: float | None = None) -> Recovery:
+    """How long a dead node's tasks take to come back with ``app``'s settings.
+
+    Redis broker, visibility heartbeat on: its messages are restorable half a
+    visibility timeout after the node's last refresh, which was up to a tick before
+    it died, and the next sweep of a live node requeues them (``heartbeat.py``).
+    Heartbeat off: kombu restores a message one timeout after its delivery, at its own
+    sweep. RabbitMQ requeues a connection's unacked messages when it closes.
+
+    :param consumer_timeout: RabbitMQ's ``consumer_timeout`` in seconds (default 1800).
+    """
+    conf = app.conf
+    broker = _broker(conf)
+    if broker.startswith(_REDIS):
+        timeout = _visibility_timeout(conf)
+        if runtime(app).settings.visibility_heartbeat is not False:
+            earliest = max(0.0, timeout / 2 - tick_interval(timeout))
+            latest = timeout / 2 + sweep_interval(timeout)
+            return Recovery(latest, (
+                f"a dead node's tasks return within ~{_about(latest)} ({earliest:g}-{latest:g} "
+                f"s after it dies: half the visibility timeout of {timeout:g} s, visibility "
+                "heartbeat on)"
+            ))  # fmt: skip
+        options = conf.get("broker_transport_options") or {}
+        restore = float(options.get("unacked_restore_interval") or 10) * float(
+            options.get("unacked_restore_throttle") or 10
+        )
+        if kombu.VERSION[:2] < (5, 7):  # its sweep scans about every 100 s, not configurable
+            restore = KOMBU_RESTORE_SWEEP
+        latest = timeout + restore
+        return Recovery(latest, (
+            f"a dead node's tasks return within ~{_about(latest)} (the visibility timeout of "
+            f"{timeout:g} s after delivery, plus up to {restore:g} s for kombu's restore "
+            "sweep; visibility heartbeat off)"
+        ))  # fmt: skip
+    if broker.startswith(_AMQP) or not broker:
+        beat = float(conf.get("broker_heartbeat") or 0)
+        hung = (
+            f"after its AMQP heartbeat lapses (broker_heartbeat {beat:g} s, or RabbitMQ's "
+            f"own if lower: {DEFAULT_AMQP_HEARTBEAT:g} s by default)"
+            if beat
+            else "only when TCP gives up (broker_heartbeat is 0)"
+        )
+        stuck = consumer_timeout or DEFAULT_CONSUMER_TIMEOUT
+        return Recovery(None, (
+            "a killed node's tasks return at once (RabbitMQ requeues the unacked messages "
+            f"of a closed connection); a hung or unreachable node's {hung}; a task stuck "
+            f"on a live node keeps its message until consumer_timeout ({stuck:g} s)"
+        ))  # fmt: skip
+    return Recovery(None, f"unknown for the broker {broker.partition('://')[0]}://")
 
 
 def _visibility(conf: Any, heartbeat: bool | None, tasks: list[Any]) -> list[Finding]:
     findings = []
-    broker_vt = (conf.get("broker_transport_options") or {}).get("visibility_timeout")
+    timeout = _visibility_timeout(conf)
     backend = str(conf.get("result_backend") or "").lower()
     result_vt = (conf.get("result_backend_transport_options") or {}).get("visibility_timeout")
-    if backend.startswith(_REDIS) and broker_vt != result_vt:
+    if backend.startswith(_REDIS) and result_vt is not None and float(result_vt) != timeout:
         findings.append(Finding(
-            "visibility_timeout",
-            f"broker_transport_options has {broker_vt!r} but "
-            f"result_backend_transport_options has {result_vt!r}.",
-            "set the same visibility_timeout in both.",
+            'result_backend_transport_options["visibility_timeout"]',
+            f"is {result_vt!r} but the broker's visibility timeout is {timeout:g} s.",
+            f'set result_backend_transport_options={{"visibility_timeout": {timeout:g}}}, '
+            "the broker's value.",
         ))  # fmt: skip
-    timeout = float(broker_vt or DEFAULT_VISIBILITY_TIMEOUT)
     if heartbeat is False:
         for task in tasks:
             cap = type(task).__resilience__.backoff.cap
@@ -124,16 +220,114 @@ def _shutdown(conf: Any, grace: float) -> list[Finding]:
     )]  # fmt: skip
 
 
-def _dlq(app: Any) -> list[Finding]:
+def _recovery_time(app: Any, conf: Any) -> list[Finding]:
+    """A dead node's tasks waiting longer than ``MAX_RECOVERY`` on a Redis broker."""
+    within = recovery(app).within
+    if within is None or within <= MAX_RECOVERY:
+        return []
+    set_by = (
+        ""
+        if (conf.get("broker_transport_options") or {}).get("visibility_timeout")
+        else (", kombu's default")
+    )
+    return [Finding(
+        'broker_transport_options["visibility_timeout"]',
+        f"is {_visibility_timeout(conf):g} s{set_by}: a dead node's tasks come back only "
+        f"after ~{_about(within)}.",
+        'shorten it, e.g. broker_transport_options={"visibility_timeout": 60} (30-120 s, '
+        "see docs/recovery.md), the same on every worker and publisher.",
+    )]  # fmt: skip
+
+
+def _backends(app: Any, settings: Settings) -> list[Finding]:
+    """The coordination and DLQ backends: shared across processes, served, reachable,
+    persistent, not evicting dead letters."""
+    unshared = unshared_backend(settings, app.conf)
+    if unshared is not None:
+        return [Finding(settings.name_of("url"), *unshared)]
+    rt = runtime(app)
+    backends: list[tuple[str, Callable[[], CoordinationBackend | DeadLetterBackend]]] = [
+        ("url", lambda: rt.backend)
+    ]
+    if settings.dlq_url != settings.url:
+        backends.append(("dlq_url", lambda: rt.dlq))
+    findings = []
+    for name, build in backends:
+        setting = settings.name_of(name)
+        try:
+            build().ping()
+        except ConfigurationError as exc:
+            problem = str(exc).removeprefix(f"setting {setting}=")
+            findings.append(Finding(setting, f"{problem}.", f"correct the URL in {setting}."))
+        except ResilienceError as exc:
+            findings.append(Finding(
+                setting, f"cannot be reached: {exc}.", f"start that server or correct {setting}."
+            ))  # fmt: skip
+    if findings:
+        return findings
+    return storage_findings(settings) + _dlq_eviction(settings.name_of("dlq_url"), rt.dlq)
+
+
+def storage_findings(settings: Settings) -> list[Finding]:
+    """A coordination or DLQ Redis that loses its data on restart (no AOF, no RDB).
+
+    Also what the worker logs at start. A server that does not answer ``CONFIG GET``
+    (an ACL, a managed Redis) gives a warning that it could not be checked.
+    """
+    losses = {
+        "url": "every lease, crash count and completion record (a locked task gets a "
+        "second holder while the first still runs; a finished task runs again)",
+        "dlq_url": "every dead letter",
+    }
+    urls: dict[str, list[str]] = {}
+    for name in ("url", "dlq_url"):
+        urls.setdefault(getattr(settings, name), []).append(name)
+    findings = []
+    for url, names in urls.items():
+        if not url.lower().startswith(_PERSISTED):
+            continue
+        setting = settings.name_of(names[0])
+        from celery_resilience.backends.redis import persists
+
+        try:
+            persistent = persists(url, "coordination" if "url" in names else "DLQ")
+        except BackendUnavailable as exc:
+            findings.append(Finding(
+                setting,
+                f"could not check that its Redis keeps data over a restart: {exc}.",
+                "make sure that Redis has appendonly yes (or RDB save points) and "
+                "maxmemory-policy noeviction.",
+                warning=True,
+            ))  # fmt: skip
+            continue
+        if not persistent:
+            # resilience_url unset: the broker's Redis is also the coordination backend
+            other = "set resilience_url to" if setting == "broker_url" else f"point {setting} at"
+            findings.append(Finding(
+                setting,
+                f"the Redis at {mask_url(url)} has no persistence (appendonly no, no RDB "
+                f"save points): a restart loses {' and '.join(losses[n] for n in names)}.",
+                "turn on appendonly yes on that Redis (redis.conf, or CONFIG SET appendonly "
+                f"yes and CONFIG REWRITE), or {other} a Redis that has it.",
+            ))  # fmt: skip
+    return findings
+
+
+def _dlq_eviction(setting: str, dlq: DeadLetterBackend) -> list[Finding]:
     try:
-        policy = runtime(app).dlq.eviction_policy()
+        policy = dlq.eviction_policy()
     except ResilienceError as exc:
-        return [Finding("resilience_dlq_url", f"cannot be checked: {exc}.", "make it reachable.")]
+        return [Finding(
+            setting,
+            f"could not check the DLQ's maxmemory-policy: {exc}.",
+            "make sure the DLQ's Redis has maxmemory-policy noeviction.",
+            warning=True,
+        )]  # fmt: skip
     if policy is None:
         return []
     return [Finding(
-        "resilience_dlq_url",
+        setting,
         f"the DLQ's Redis has maxmemory-policy {policy}, which evicts dead letters "
         "without trace.",
-        "put the DLQ on a Redis with maxmemory-policy noeviction (resilience_dlq_url).",
+        f"put the DLQ on a Redis with maxmemory-policy noeviction ({setting}).",
     )]  # fmt: skip

@@ -71,12 +71,29 @@ class Runtime:
         return seconds
 
 
+_BUILT_IN_SCHEMES = "memory://, redis://, rediss://, unix://"
+_BUILT_IN_PLUGINS = {
+    "celery_resilience.backends.memory",
+    "celery_resilience.backends.memory_dlq",
+    "celery_resilience.backends.redis",
+    "celery_resilience.backends.redis_dlq",
+}
+
+
 def _build(hook: Any, setting: str, url: str, settings: Settings, role: str) -> Any:
     backend = hook(url=url, settings=settings)
     if backend is None:
+        plugins = sorted(
+            impl.plugin_name
+            for impl in hook.get_hookimpls()
+            if impl.plugin_name not in _BUILT_IN_PLUGINS
+        )
+        others = (
+            f"; installed plugins that may serve others: {', '.join(plugins)}" if plugins else ""
+        )
         raise ConfigurationError(
-            f"setting {setting}={mask_url(url)!r}: no installed {role} backend serves this "
-            "URL scheme (built in: memory://, redis://, rediss://)"
+            f"setting {setting}={mask_url(url)!r}: no installed {role} backend serves the "
+            f"scheme {url.partition('://')[0]}:// (served: {_BUILT_IN_SCHEMES}{others})"
         )
     return backend
 
@@ -84,13 +101,15 @@ def _build(hook: Any, setting: str, url: str, settings: Settings, role: str) -> 
 def build_backend(plugins: pluggy.PluginManager, settings: Settings) -> CoordinationBackend:
     """Ask the plugins for the coordination backend of ``settings.url``."""
     hook = plugins.hook.resilience_coordination_backend
-    return _build(hook, "resilience_url", settings.url, settings, "coordination")  # type: ignore[no-any-return]
+    setting = settings.name_of("url")
+    return _build(hook, setting, settings.url, settings, "coordination")  # type: ignore[no-any-return]
 
 
 def build_dlq_backend(plugins: pluggy.PluginManager, settings: Settings) -> DeadLetterBackend:
     """Ask the plugins for the dead-letter queue backend of ``settings.dlq_url``."""
     hook = plugins.hook.resilience_dlq_backend
-    return _build(hook, "resilience_dlq_url", settings.dlq_url, settings, "DLQ")  # type: ignore[no-any-return]
+    setting = settings.name_of("dlq_url")
+    return _build(hook, setting, settings.dlq_url, settings, "DLQ")  # type: ignore[no-any-return]
 
 
 def _countdown_cap(conf: Any, settings: Settings) -> float | None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery_resilience.errors import ConfigurationError
-from celery_resilience.urls import mask_url, url_scheme
+from celery_resilience.urls import mask_url, validate_url
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -33,6 +33,13 @@ class Settings:
     dlq_mask_args: tuple[str, ...] = ()
     dlq_replay_rate: float = 50.0
     url_is_default: bool = False
+    names: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def name_of(self, name: str) -> str:
+        """How errors name setting ``name`` (``url``, ``dlq_url``, ...): as the user wrote
+        it, e.g. ``CELERY_RESILIENCE_URL`` in a namespaced Django settings module, the
+        environment variable it came from, or ``broker_url`` when the URL is the broker's."""
+        return self.names.get(name, f"resilience_{name}")
 
 
 def _as_int(minimum: int) -> Callable[[Any], int]:
@@ -118,18 +125,39 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 SETTING_NAMES = tuple(f"resilience_{name}" for name in _CONVERTERS)
 
 
-def _source(environ: Mapping[str, str], name: str) -> str:
+def _conf_key(conf: Mapping[str, Any], key: str) -> str:
+    """The key under which ``conf`` holds ``key``, as the user wrote it.
+
+    Celery 5's ``app.conf`` (a ``ConfigurationView``) with a namespace, as in
+    ``app.config_from_object("django.conf:settings", namespace="CELERY")``, has
+    ``prefix = "CELERY_"`` and looks ``key`` up as ``CELERY_KEY`` (upper-cased when the
+    prefix is) and then as ``key`` itself, in each of its maps in turn.
+    """
+    conf.get(key)  # a pending app.conf gets its prefix only when a first lookup loads it
+    prefix = getattr(conf, "prefix", None)
+    if not isinstance(prefix, str) or not prefix:
+        return key
+    prefixed = prefix + key
+    prefixed = prefixed.upper() if prefix.isupper() else prefixed.lower()
+    for mapping in getattr(conf, "maps", [conf]):
+        for candidate in (prefixed, key):
+            if candidate in mapping:
+                return candidate
+    return prefixed
+
+
+def _source(conf: Mapping[str, Any], environ: Mapping[str, str], name: str) -> str:
     """How an error names setting ``name``: with its environment variable when set there."""
     env_name = f"CELERY_RESILIENCE_{name.upper()}"
+    key = _conf_key(conf, f"resilience_{name}")
     if env_name in environ:
-        return f"resilience_{name} (from environment variable {env_name})"
-    return f"resilience_{name}"
+        return f"{key} (from environment variable {env_name})"
+    return key
 
 
 def _lookup(conf: Mapping[str, Any], environ: Mapping[str, str], name: str) -> Any:
     """Return the converted value of setting ``name``: environment first, then ``conf``."""
     env_name = f"CELERY_RESILIENCE_{name.upper()}"
-    source = _source(environ, name)
     if env_name in environ:
         raw: Any = environ[env_name]
     else:
@@ -142,8 +170,15 @@ def _lookup(conf: Mapping[str, Any], environ: Mapping[str, str], name: str) -> A
     except (ValueError, TypeError):
         shown = mask_url(raw) if name.endswith("url") and isinstance(raw, str) else raw
         raise ConfigurationError(
-            f"setting {source}={shown!r}: expected {convert.__doc__}"
+            f"setting {_source(conf, environ, name)}={shown!r}: expected {convert.__doc__}"
         ) from None
+
+
+def broker_url(conf: Mapping[str, Any]) -> str:
+    """The app's first broker URL, or ``""``: Celery's ``app.conf.broker_url`` also
+    reads the environment variable ``CELERY_BROKER_URL``, which a plain key lookup misses."""
+    url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
+    return url.split(";")[0].strip() if isinstance(url, str) else ""
 
 
 def load_settings(conf: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
@@ -152,20 +187,50 @@ def load_settings(conf: Mapping[str, Any], environ: Mapping[str, str] | None = N
     ``environ`` defaults to ``os.environ``; an environment variable wins over the
     ``app.conf`` key. Raises ``ConfigurationError`` naming the first bad setting.
     When ``resilience_url`` is unset a ``redis://``/``rediss://`` broker URL is used,
-    else ``memory://`` (``url_is_default`` tells the worker to warn about it).
+    else ``memory://`` (``url_is_default``: a worker then refuses to start, see
+    ``require_shared_backend``). Errors name each setting as the user wrote it.
     """
     env = os.environ if environ is None else environ
     values = {name: _lookup(conf, env, name) for name in _CONVERTERS}
     values = {name: value for name, value in values.items() if value is not None}
+    names = {name: _source(conf, env, name) for name in _CONVERTERS}
     url_is_default = "url" not in values
     if url_is_default:
-        broker = conf.get("broker_url") or ""
-        broker = broker if isinstance(broker, str) else ""
-        first = broker.split(";")[0].strip()
-        values["url"] = (
-            first if first.lower().startswith(("redis://", "rediss://")) else "memory://"
-        )
-    url_scheme(values["url"], _source(env, "url"))
-    values.setdefault("dlq_url", values["url"])
-    url_scheme(values["dlq_url"], _source(env, "dlq_url"))
-    return Settings(url_is_default=url_is_default, **values)
+        broker = broker_url(conf)
+        if broker.lower().startswith(("redis://", "rediss://")):
+            values["url"], names["url"] = broker, "broker_url"
+        else:
+            values["url"] = "memory://"
+    if "dlq_url" not in values:
+        values["dlq_url"], names["dlq_url"] = values["url"], names["url"]
+    validate_url(values["url"], names["url"])
+    validate_url(values["dlq_url"], names["dlq_url"])
+    return Settings(url_is_default=url_is_default, names=names, **values)
+
+
+def unshared_backend(settings: Settings, conf: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(problem, fix)`` when the coordination backend fell back to ``memory://``, else None.
+
+    That happens with a non-Redis broker and no ``resilience_url``: leases, crash
+    budgets, completion records and the DLQ would then live in each worker process
+    and guard nothing across them. An explicit ``resilience_url = "memory://"`` passes.
+    """
+    if not (settings.url_is_default and settings.url.lower().startswith("memory://")):
+        return None
+    broker = broker_url(conf)
+    shown = repr(mask_url(broker)) if broker else "unset (Celery's default amqp://)"
+    name = settings.name_of("url")
+    return (
+        f"is unset and broker_url is {shown}, not Redis: leases, crash budgets, completion "
+        "records and dead letters would live in each worker process only and guard nothing "
+        "across processes or nodes, so a worker refuses to start.",
+        f"set {name} to a redis:// URL (or to 'memory://' to run one process on purpose).",
+    )
+
+
+def require_shared_backend(settings: Settings, conf: Mapping[str, Any]) -> None:
+    """Raise ``ConfigurationError`` when ``unshared_backend`` finds a problem."""
+    found = unshared_backend(settings, conf)
+    if found is not None:
+        problem, fix = found
+        raise ConfigurationError(f"{settings.name_of('url')} {problem} Fix: {fix}")

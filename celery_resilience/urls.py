@@ -55,3 +55,24 @@ def url_scheme(url: str, setting: str) -> str:
             f"setting {setting}={mask_url(url)!r}: expected a URL with a scheme"
         )
     return parts.scheme.lower()
+
+
+_REDIS_SCHEMES = ("redis", "rediss")
+
+
+def validate_url(url: str, setting: str) -> str:
+    """Check ``url`` as ``url_scheme`` does, and a Redis URL's database number; return
+    the scheme.
+
+    redis-py reads ``redis://host/abc`` as database 0 without a word, so a path that
+    is not a database number is a ``ConfigurationError`` naming ``setting``.
+    """
+    scheme = url_scheme(url, setting)
+    if scheme in _REDIS_SCHEMES:
+        db = urlsplit(url).path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigurationError(
+                f"setting {setting}={mask_url(url)!r}: database {db!r} is not a number: "
+                "expected redis://host:port/<db> with db a number such as 0 or 1"
+            )
+    return scheme

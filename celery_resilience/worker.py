@@ -8,8 +8,10 @@ from typing import Any
 from celery import bootsteps
 
 from celery_resilience.backends.base import DeadLetterBackend
+from celery_resilience.doctor import storage_findings
 from celery_resilience.errors import ResilienceError
 from celery_resilience.runtime import runtime
+from celery_resilience.settings import require_shared_backend
 from celery_resilience.urls import mask_url
 
 logger = logging.getLogger(__name__)
@@ -18,9 +20,9 @@ logger = logging.getLogger(__name__)
 class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Fails worker start on a bad setting or an unreachable backend, with one clear line.
 
-    Warns when the coordination backend is ``memory://`` because no ``resilience_url``
-    was set and the broker is not Redis: leases and crash budgets then live in each
-    process only.
+    Also refuses to start when no ``resilience_url`` was set and the broker is not
+    Redis (leases and crash budgets would live in each process only), and warns when
+    the coordination or DLQ Redis loses its data on restart.
     """
 
     label = "celery-resilience"
@@ -28,6 +30,7 @@ class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         try:
             rt = runtime(worker.app)
+            require_shared_backend(rt.settings, worker.app.conf)
             rt.backend.ping()
             rt.dlq.ping()
         except ResilienceError as exc:
@@ -38,18 +41,18 @@ class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = rt.settings
         if settings.url.lower().startswith("memory://"):
             logger.warning(
-                "celery-resilience: coordination backend is memory://%s: leases, crash "
+                "celery-resilience: coordination backend is memory://: leases, crash "
                 "budgets and completion records are per process and do not hold across "
-                "worker processes or nodes; set resilience_url to a redis:// URL",
-                " (resilience_url unset and the broker is not Redis)"
-                if settings.url_is_default
-                else "",
+                "worker processes or nodes; set %s to a redis:// URL",
+                settings.name_of("url"),
             )
         logger.info(
             "celery-resilience: coordination backend %s, DLQ %s",
             mask_url(settings.url),
             mask_url(settings.dlq_url),
         )
+        for finding in storage_findings(settings):
+            logger.warning("celery-resilience: %s", str(finding).removeprefix("warning: "))
         _warn_if_dlq_can_evict(rt.dlq)
 
 

@@ -1,14 +1,25 @@
-"""resilience doctor: each dangerous setting is one finding with its fix."""
+"""resilience doctor: each dangerous setting is one finding with its fix, and the time a
+dead node's tasks take to come back."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery import Celery
 
 from celery_resilience import Backoff, resilient
-from celery_resilience.doctor import diagnose
+from celery_resilience.doctor import diagnose, recovery
+from tests.conftest import _private_redis
+from tests.support.acl import acl_user
+
+ROOT = Path(__file__).resolve().parents[1]
+AMQP_URL = os.environ.get("CELERY_RESILIENCE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def make_app(**conf: object) -> Celery:
@@ -47,12 +58,78 @@ def test_resilient_task_with_acks_late_off_is_reported() -> None:
     assert "Fix:" in str(finding)
 
 
-def test_visibility_timeout_set_for_broker_only_is_reported() -> None:
-    """With a Redis result backend the timeout must be the same in both places."""
+def test_result_backend_timeout_is_compared_only_when_set() -> None:
+    """The docs' fix (broker timeout only) passes; a different result backend timeout
+    is reported with the value to set."""
     app = make_app(result_backend="redis://127.0.0.1:6379/1")
-    assert settings_of(diagnose(app)) == ["visibility_timeout"]
+    assert diagnose(app) == []
+    app.conf.result_backend_transport_options = {"visibility_timeout": 3600}
+    (finding,) = diagnose(app)
+    assert finding.setting == 'result_backend_transport_options["visibility_timeout"]'
+    assert 'Fix: set result_backend_transport_options={"visibility_timeout": 60}' in str(finding)
     app.conf.result_backend_transport_options = {"visibility_timeout": 60}
     assert diagnose(app) == []
+
+
+def test_default_visibility_timeout_is_reported_with_the_recovery_time() -> None:
+    """kombu's 3600 s default keeps a dead node's tasks away for ~30 min: a finding."""
+    app = make_app(broker_transport_options={})
+    (finding,) = diagnose(app)
+    assert finding.setting == 'broker_transport_options["visibility_timeout"]'
+    assert "is 3600 s, kombu's default" in finding.problem
+    assert "~30 min" in finding.problem
+    assert '{"visibility_timeout": 60}' in finding.fix
+
+
+@pytest.mark.parametrize(
+    ("conf", "within", "text"),
+    [
+        ({}, 1802, "within ~30 min (1770-1802 s after it dies"),
+        ({"broker_transport_options": {"visibility_timeout": 60}}, 32, "within ~32 s (15-32 s"),
+        ({"broker_transport_options": {"visibility_timeout": 30}}, 16.5, "(7.5-16.5 s"),
+        (
+            {"broker_transport_options": {"visibility_timeout": 60},
+             "resilience_visibility_heartbeat": False},
+            160, "within ~160 s (the visibility timeout of 60 s after delivery",
+        ),
+    ],
+)  # fmt: skip
+def test_recovery_time_follows_the_heartbeats_formula(
+    conf: dict[str, object], within: float, text: str
+) -> None:
+    """Heartbeat on: timeout/2 - tick .. timeout/2 + sweep; off: timeout + kombu's sweep."""
+    found = recovery(make_app(**{"broker_transport_options": {}, **conf}))
+    assert found.within == within
+    assert text in found.summary
+
+
+def test_recovery_on_rabbitmq_names_what_bounds_it() -> None:
+    """RabbitMQ requeues on connection close; a hung node waits for heartbeat or timeout."""
+    found = recovery(make_app(broker_url=AMQP_URL), consumer_timeout=600)
+    assert found.within is None
+    assert "a killed node's tasks return at once" in found.summary
+    assert "broker_heartbeat 120 s" in found.summary
+    assert "consumer_timeout (600 s)" in found.summary
+
+
+def test_rabbitmq_without_resilience_url_is_an_error_with_the_fix() -> None:
+    """memory:// by default would guard nothing across processes; explicit memory:// passes."""
+    app = make_app(broker_url=AMQP_URL)
+    del app.conf["resilience_url"]
+    (finding,) = diagnose(app)
+    assert finding.setting == "resilience_url"
+    assert "'amqp://guest:**@127.0.0.1:5672//', not Redis" in finding.problem
+    assert "a worker refuses to start" in finding.problem
+    assert "set resilience_url to a redis:// URL (or to 'memory://'" in finding.fix
+    assert diagnose(make_app(broker_url=AMQP_URL, resilience_url="memory://")) == []
+
+
+def test_typo_in_the_scheme_is_reported_against_the_setting_the_user_set() -> None:
+    """redsi:// names resilience_url (also the DLQ's by default), with the schemes served."""
+    (finding,) = diagnose(make_app(resilience_url="redsi://127.0.0.1:6379/15"))
+    assert finding.setting == "resilience_url"
+    assert "no installed coordination backend serves the scheme redsi://" in finding.problem
+    assert "(served: memory://, redis://, rediss://, unix://)" in finding.problem
 
 
 def test_long_backoff_without_heartbeat_is_reported() -> None:
@@ -83,6 +160,109 @@ def test_rabbitmq_consumer_timeout_shorter_than_longest_task_is_reported() -> No
 def test_dlq_on_an_evicting_redis_is_reported(evicting_redis: str) -> None:
     """A DLQ whose Redis may evict keys loses dead letters silently."""
     app = make_app(resilience_dlq_url=evicting_redis)
-    (finding,) = diagnose(app)
-    assert finding.setting == "resilience_dlq_url"
-    assert "allkeys-lru" in finding.problem
+    persistence, eviction = diagnose(app)  # that Redis has no persistence either
+    assert persistence.setting == eviction.setting == "resilience_dlq_url"
+    assert "a restart loses every dead letter." in persistence.problem
+    assert "allkeys-lru" in eviction.problem
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server with appendonly yes and noeviction."""
+    with _private_redis(tmp_path, "--appendonly", "yes") as url:
+        yield url
+
+
+def test_redis_without_persistence_is_reported_naming_what_is_lost(
+    redis_url: str, persistent_redis: str
+) -> None:
+    """The shared test Redis runs with --save "" --appendonly no: a restart loses state."""
+    (finding,) = diagnose(make_app(resilience_url=redis_url))
+    assert finding.setting == "resilience_url"
+    assert "has no persistence (appendonly no, no RDB save points)" in finding.problem
+    assert "every lease, crash count and completion record" in finding.problem
+    assert "and every dead letter" in finding.problem
+    assert "Fix: turn on appendonly yes" in str(finding)
+    assert diagnose(make_app(resilience_url=persistent_redis)) == []
+
+
+def test_persistence_unreadable_under_an_acl_is_a_warning(acl_redis: str) -> None:
+    """An ACL user without CONFIG: "could not check", a warning, not a failure."""
+    url = acl_user(acl_redis, "noconfig", "+@all", "-config", "~*", "&*")
+    findings = diagnose(make_app(resilience_url=url))
+    assert [f.warning for f in findings] == [True, True]
+    assert "could not check that its Redis keeps data over a restart" in findings[0].problem
+    assert "NoPermissionError" in findings[0].problem
+    assert "could not check the DLQ's maxmemory-policy" in findings[1].problem
+    assert str(findings[0]).startswith("warning: resilience_url: ")
+
+
+def _doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A doctor_app resilience doctor`` as a user runs it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "CR_DOCTOR_"))}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "support"),
+                                                        clean.get("PYTHONPATH")]))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "doctor_app", "resilience", "doctor", *args],
+        cwd=ROOT, env={**clean, "COLUMNS": "200", **env}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_doctor_on_a_safe_configuration_says_the_recovery_time_and_exits_zero(
+    persistent_redis: str,
+) -> None:
+    """A persistent Redis and a 60 s timeout: the recovery line, then ok, exit 0."""
+    result = _doctor(
+        {"CR_DOCTOR_BROKER_URL": persistent_redis, "CR_DOCTOR_VISIBILITY_TIMEOUT": "60"}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    recovered, ok = result.stdout.splitlines()
+    assert recovered.startswith("recovery: a dead node's tasks return within ~32 s (15-32 s")
+    assert ok.startswith("ok: no dangerous settings found (")
+
+
+def test_doctor_exits_one_with_a_line_per_finding_and_its_fix(persistent_redis: str) -> None:
+    """No soft shutdown against a 30 s grace period is one finding line with the fix."""
+    env = {"CR_DOCTOR_BROKER_URL": persistent_redis, "CR_DOCTOR_VISIBILITY_TIMEOUT": "60"}
+    result = _doctor(env, "--grace-period", "30")
+    assert result.returncode == 1, result.stdout + result.stderr
+    line, recovered = result.stdout.splitlines()
+    assert line.startswith("worker_soft_shutdown_timeout: ")
+    assert "Fix: set worker_soft_shutdown_timeout between 1 and 20 s" in line
+    assert recovered.startswith("recovery: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_doctor_warnings_alone_exit_zero(acl_redis: str) -> None:
+    """Checks the server refused are warning lines; the configuration still passes."""
+    url = acl_user(acl_redis, "noconfig", "+@all", "-config", "~*", "&*")
+    result = _doctor({"CR_DOCTOR_BROKER_URL": url, "CR_DOCTOR_VISIBILITY_TIMEOUT": "60"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["warning", "warning", "recovery", "ok"]
+    assert lines[0].startswith("warning: broker_url: could not check")
+    assert "pw" not in result.stdout.replace("noconfig:**", "")
+
+
+def test_doctor_names_the_environment_variable_of_a_typod_scheme(redis_url: str) -> None:
+    """CELERY_RESILIENCE_URL=redsi://... is reported against that variable."""
+    typo = "redsi://127.0.0.1:6379/15"
+    env = {"CR_DOCTOR_VISIBILITY_TIMEOUT": "60", "CELERY_RESILIENCE_URL": typo}
+    result = _doctor({"CR_DOCTOR_BROKER_URL": redis_url, **env})
+    assert result.returncode == 1, result.stdout + result.stderr
+    finding, _ = result.stdout.splitlines()
+    assert finding.startswith(
+        f"resilience_url (from environment variable CELERY_RESILIENCE_URL): '{typo}': no "
+        "installed coordination backend serves the scheme redsi:// (served: memory://, "
+    )
+    assert "resilience_dlq_url" not in result.stdout
+
+
+def test_doctor_on_rabbitmq_without_resilience_url_exits_one() -> None:
+    """The refusal a worker would give, as a doctor finding, and RabbitMQ's recovery."""
+    result = _doctor({"CR_DOCTOR_BROKER_URL": AMQP_URL})
+    assert result.returncode == 1, result.stdout + result.stderr
+    finding, recovered = result.stdout.splitlines()
+    assert finding.startswith("resilience_url: is unset and broker_url is 'amqp://")
+    assert recovered.startswith("recovery: a killed node's tasks return at once")

@@ -127,6 +127,25 @@ def call(role: str, url: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> 
         ) from exc
 
 
+def persists(url: str, role: str) -> bool:
+    """Whether the Redis at ``url`` keeps its data over a restart: AOF on
+    (``appendonly yes``) or RDB save points set (``CONFIG GET save`` not empty).
+
+    Raises ``BackendUnavailable`` naming ``role`` and the masked URL when the server
+    cannot be asked: unreachable, or ``CONFIG`` refused by an ACL or a managed service.
+    """
+    client = connect(url, role)
+    try:
+
+        def read() -> dict[Any, Any]:
+            return {**client.config_get("appendonly"), **client.config_get("save")}
+
+        config: dict[Any, Any] = call(role, mask_url(url), "CONFIG GET", read)
+    finally:
+        client.close()
+    return config.get("appendonly") == "yes" or bool(config.get("save", "").strip())
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
