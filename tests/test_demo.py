@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from celery_resilience.console import main
+from celery_resilience.demo import DemoError
+from celery_resilience.demo.app import PREFIX_ENV, REDIS_URL_ENV
+from celery_resilience.demo.redis_mode import WorkerNode, _wait_ready
 
 DEMO_TIMEOUT_S = 120
 SCRIPT = Path(sys.executable).with_name("celery-resilience")
@@ -122,6 +125,48 @@ def test_redis_down_is_one_error_line_with_the_password_masked(
     )
     assert captured.err.count("\n") == 1
     assert "hunter2" not in captured.err
+
+
+def test_worker_that_fails_to_start_is_reported_with_its_log_file_and_last_lines(
+    tmp_path: Path,
+) -> None:
+    """A node that exits before ready: the error names its log file, which exists, and quotes it."""
+    env = {k: v for k, v in os.environ.items() if k not in (REDIS_URL_ENV, PREFIX_ENV)}
+    node = WorkerNode("demo1", env, tmp_path, "unused-queue")  # its app cannot import
+    try:
+        with pytest.raises(DemoError, match="exited with status") as raised:
+            _wait_ready([node])
+    finally:
+        node.stop()
+    first, *quoted = str(raised.value).splitlines()
+    log = tmp_path / "demo1.log"
+    assert first == (
+        f"worker demo1 exited with status {node.process.returncode} before it was ready; "
+        f"the last lines of {log}:"
+    )
+    assert log.is_file()
+    assert quoted == [f"  | {line}" for line in log.read_text().splitlines()[-len(quoted) :]]
+    assert any(REDIS_URL_ENV in line for line in quoted), quoted
+
+
+@pytest.mark.integration
+def test_demo_on_redis_whose_workers_cannot_start_quotes_the_worker_log(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """--redis with workers that exit at start: exit 1, the error quotes an existing log file."""
+    done = _run(
+        "demo", "--redis", redis_url, env={"CELERY_WORKER_PIDFILE": str(tmp_path / "no" / "x.pid")}
+    )
+    assert done.returncode == 1, _report(done)
+    match = re.search(
+        r"^error: worker demo\d exited with status 1 before it was ready; "
+        r"the last lines of (\S+\.log):$",
+        done.stderr,
+        re.MULTILINE,
+    )
+    assert match, _report(done)
+    assert Path(match.group(1)).is_file(), _report(done)
+    assert "  | celery.platforms.LockFailed: [Errno 2] No such file or directory" in done.stderr
 
 
 def _processes_with(variable: str) -> list[int]:

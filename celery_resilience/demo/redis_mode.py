@@ -45,6 +45,7 @@ NODES = ("demo1", "demo2")
 CONCURRENCY = 3
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+LOG_TAIL_LINES = 15
 WORKER_MODULE = "celery_resilience.demo.worker_app"
 
 
@@ -79,7 +80,11 @@ def ping(url: str) -> None:
 
 
 class WorkerNode:
-    """One ``celery worker`` node in its own process group, logging to a file."""
+    """One ``celery worker`` node in its own process group, logging to one file.
+
+    Its stdout and stderr both go to :attr:`log`, so what a node says before its
+    logging is set up (an import error, a bad option) is there too.
+    """
 
     def __init__(self, name: str, env: dict[str, str], logdir: Path, queue: str) -> None:
         self.name = name
@@ -87,10 +92,9 @@ class WorkerNode:
         command = [
             sys.executable, "-m", "celery", "-A", WORKER_MODULE, "worker",
             "-P", "prefork", "-c", str(CONCURRENCY), "-n", f"{name}@%h", "-Q", queue,
-            "-l", "INFO", "-f", str(self.log),
-            "--without-heartbeat", "--without-gossip", "--without-mingle",
+            "-l", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
-        with (logdir / f"{name}.out").open("wb") as out:
+        with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 command,
                 env=env,
@@ -104,13 +108,18 @@ class WorkerNode:
     def ready(self) -> bool:
         """Whether the node logged that it is ready; :class:`DemoError` if it exited."""
         if self.process.poll() is not None:
+            tail = self._text().splitlines()[-LOG_TAIL_LINES:]
             raise DemoError(
                 f"worker {self.name} exited with status {self.process.returncode} before it "
-                f"was ready (log: {self.log})"
+                f"was ready; the last lines of {self.log}:\n"
+                + "\n".join(f"  | {line}" for line in tail)
             )
+        return " ready." in self._text()
+
+    def _text(self) -> str:
         with contextlib.suppress(FileNotFoundError):
-            return " ready." in self.log.read_text(errors="replace")
-        return False
+            return self.log.read_text(errors="replace")
+        return ""
 
     def kill(self) -> None:
         """SIGKILL the whole node, main process and pool children, as a pod dying."""
