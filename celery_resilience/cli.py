@@ -8,8 +8,15 @@ app comes from Celery's ``-A``. Contracts every command keeps:
   or cursor) prints ONE line ``error: ...`` on stderr and exits 1, never a traceback;
   a ``--json`` stdout carries JSON only.
 - Nothing is deserialized beyond JSON: a raw body is shown as ``<N bytes of TYPE>``.
-- Values of arguments named in ``resilience_dlq_mask_args`` print as ``***`` unless
-  ``--reveal`` is given; reprs that cannot be masked (raw bodies) are hidden instead.
+- Values of arguments whose names look like secrets (``password``, ``token``,
+  ``api_key``, ... as parts of the name, see ``looks_secret``) or are named in
+  ``resilience_dlq_mask_args`` print as ``***`` unless ``--reveal`` is given, at any
+  depth of nested dicts; reprs that cannot be masked (raw bodies) are hidden instead
+  when they may hold such a value.
+- An entry that cannot be decoded is named on stderr (``warning: ...``) and skipped
+  by ``ls``; ``show`` of it is an error. ``show`` cuts long values unless ``--full``.
+- A closed stdout (``... | head``) ends the command quietly with exit code 141, as
+  ``git`` and ``ls`` end (killed by SIGPIPE: the shell sees 128 + 13).
 - Text from the store is printed with control characters escaped, so an entry
   cannot drive the terminal; passwords are never printed (backend URLs are masked).
 - Options never read environment variables (Celery's ``CELERY_`` auto-envvars would
@@ -23,18 +30,28 @@ import binascii
 import dataclasses
 import functools
 import json
+import os
+import re
 import shutil
+import signal
+import sys
 import time
 import unicodedata
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from celery.bin.base import handle_preload_options
 
 from celery_resilience.deadletter import DeadLetter, MalformedEntry
-from celery_resilience.dlq import DeadLetterQueue, ReplayFailed, ReplayRefused, UnknownEntry
+from celery_resilience.dlq import (
+    DeadLetterQueue,
+    ReplayFailed,
+    ReplayNotRemoved,
+    ReplayRefused,
+    UnknownEntry,
+)
 from celery_resilience.doctor import diagnose
 from celery_resilience.errors import ResilienceError
 from celery_resilience.runtime import runtime
@@ -46,7 +63,10 @@ _handle_preload_options: Callable[[Callable[..., None]], Callable[..., None]] = 
 )
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-_PER_ID_ERRORS = (UnknownEntry, ReplayRefused, ReplayFailed, MalformedEntry)
+_PER_ID_ERRORS = (UnknownEntry, ReplayRefused, ReplayFailed, ReplayNotRemoved, MalformedEntry)
+CUT = 1000
+"""``show`` cuts a value longer than this many characters (the traceback at 10 times
+that) unless ``--full``."""
 
 
 class Failure(click.ClickException):
@@ -64,8 +84,13 @@ def _reports_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe fails here, not at interpreter exit
+            return result
+        except BrokenPipeError:
+            _closed_pipe()
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            sys.stdout.flush()
             raise
         except ResilienceError as exc:
             raise Failure(str(exc)) from None
@@ -73,6 +98,18 @@ def _reports_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             raise Failure(f"unexpected {type(exc).__name__}: {_mask_urls(str(exc))}") from None
 
     return wrapper
+
+
+def _closed_pipe() -> NoReturn:
+    """End quietly because stdout's reader is gone (``| head``), as ``git`` and ``ls``.
+
+    Python ignores SIGPIPE, so a write to a closed pipe raises instead; pointing
+    stdout at /dev/null stops the interpreter's last flush from failing again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise click.exceptions.Exit(128 + signal.SIGPIPE)
 
 
 def _option(*decls: str, **attrs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -162,44 +199,112 @@ def _body_text(entry: DeadLetter) -> str:
 
 # --- masking ----------------------------------------------------------------------
 
+SECRET_WORDS = frozenset(
+    {"password", "passwd", "secret", "token", "apikey", "authorization", "cookie", "privatekey"}
+)
+"""Names containing one of these as a word, or two adjacent words (``api_key``,
+``apiKey``, ``X-Api-Key``), singular or plural, are masked by default."""
 
-class _Masked:
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+
+
+def looks_secret(name: str) -> bool:
+    """Whether argument or key ``name`` looks like it holds a secret.
+
+    Words are split at ``_``, ``-``, ``.``, spaces and camelCase, compared without
+    case: ``db_password``, ``refreshToken``, ``X-Api-Key``, ``session_cookie`` match;
+    ``tokenizer`` and ``monkey`` do not.
+    """
+    words = [w.lower() for w in _WORD.findall(name)]
+    for i, word in enumerate(words):
+        for joined in (word, word + "".join(words[i + 1 : i + 2])):
+            if joined in SECRET_WORDS or joined.removesuffix("s") in SECRET_WORDS:
+                return True
+    return False
+
+
+class _Masked(str):
+    """``"***"`` in JSON and ``***`` (unquoted) in a repr."""
+
     def __repr__(self) -> str:
         return MASK
+
+
+def _compact(text: str) -> str:
+    return re.sub(r"[_\-.\s]", "", text.casefold())
+
+
+class _Masking:
+    """Which names are masked: those that look like secrets and those in ``names``."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = frozenset(n.casefold() for n in names)
+        self._fragments = SECRET_WORDS | {_compact(n) for n in names}
+
+    def hides(self, name: object) -> bool:
+        return isinstance(name, str) and (name.casefold() in self._names or looks_secret(name))
+
+    def may_hold(self, text: str) -> bool:
+        """Whether text (a repr) mentions a masked name, loosely: errs on hiding."""
+        compact = _compact(text)
+        return any(fragment in compact for fragment in self._fragments)
+
+    def value(self, value: Any) -> tuple[Any, bool]:
+        """``value`` with every value under a masked key, at any depth, as ``***``;
+        and whether anything was masked."""
+        if isinstance(value, dict):
+            out: dict[Any, Any] = {}
+            hit = False
+            for key, item in value.items():
+                if self.hides(key):
+                    out[key], masked = _Masked(MASK), True
+                else:
+                    out[key], masked = self.value(item)
+                hit = hit or masked
+            return out, hit
+        if isinstance(value, list):
+            pairs = [self.value(item) for item in value]
+            return [item for item, _ in pairs], any(masked for _, masked in pairs)
+        return value, False
 
 
 def view(entry: DeadLetter, mask: frozenset[str], reveal: bool) -> dict[str, Any]:
     """The entry as JSON-ready data with every masked value replaced by ``"***"``.
 
-    Positional args are named by ``entry.argnames``, kwargs by key; the reprs are
-    rebuilt from the masked values, or hidden when the values are not there to
-    mask (a raw body, whose base64 ``data`` is hidden too). ``reveal`` or an empty
-    ``mask`` returns every field as stored.
+    Masked are the values of arguments and dict keys (at any depth) whose names look
+    like secrets (``looks_secret``) or are in ``mask``: positional args named by
+    ``entry.argnames``, kwargs by key. When something was masked the reprs are
+    rebuilt from the masked values. A raw body's reprs, and its base64 ``data``,
+    cannot be masked: they are hidden when an argname is masked or a repr mentions
+    a masked name. ``reveal`` returns every field as stored.
     """
     data = dataclasses.asdict(entry)
-    if reveal or not mask:
+    if reveal:
         return data
-    names = entry.argnames if isinstance(entry.argnames, list) else []
-    args, kwargs = entry.args, entry.kwargs
-    if isinstance(args, list):
-        shown = [
-            _Masked() if i < len(names) and names[i] in mask else value
-            for i, value in enumerate(args)
-        ]
-        data["args"] = [MASK if isinstance(v, _Masked) else v for v in shown]
-        data["args_repr"] = repr(tuple(shown))
-    else:
-        data["args"] = None if args is None else MASK
-        data["args_repr"] = MASK
-    if isinstance(kwargs, dict):
-        masked = {k: _Masked() if k in mask else v for k, v in kwargs.items()}
-        data["kwargs"] = {k: MASK if isinstance(v, _Masked) else v for k, v in masked.items()}
-        data["kwargs_repr"] = repr(masked)
-    else:
-        data["kwargs"] = None if kwargs is None else MASK
-        data["kwargs_repr"] = MASK
-    if isinstance(data.get("body"), dict):
-        data["body"]["data"] = MASK
+    masking = _Masking(mask)
+    names = entry.argnames or []
+    if entry.body is not None or not isinstance(entry.args, list):
+        reprs = f"{entry.args_repr} {entry.kwargs_repr}"
+        if any(masking.hides(n) for n in names) or masking.may_hold(reprs):
+            data["args_repr"] = data["kwargs_repr"] = MASK
+            if isinstance(data.get("body"), dict):
+                data["body"]["data"] = MASK
+        return data
+    shown: list[Any] = []
+    hit = False
+    for i, value in enumerate(entry.args):
+        if i < len(names) and masking.hides(names[i]):
+            shown.append(_Masked(MASK))
+            hit = True
+        else:
+            value, masked = masking.value(value)
+            shown.append(value)
+            hit = hit or masked
+    kwargs, masked = masking.value(entry.kwargs or {})
+    if hit or masked:
+        data["args"], data["args_repr"] = shown, repr(tuple(shown))
+        if entry.kwargs is not None:
+            data["kwargs"], data["kwargs_repr"] = kwargs, repr(kwargs)
     return data
 
 
@@ -223,7 +328,12 @@ def dlq() -> None:
 @_option("--reason", metavar="R", help="Only entries with this give-up reason.")
 @_option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @_option("--cursor", metavar="C", help="The cursor an earlier page printed.")
-@_option("--json", "as_json", is_flag=True, help='Print {"entries": [...], "next_cursor": C}.')
+@_option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"entries": [...], "next_cursor": C, "skipped": [{"id", "error"}]}.',
+)
 @_option("--reveal", is_flag=True, help="Show masked argument values.")
 @_reports_errors
 def ls(
@@ -237,13 +347,20 @@ def ls(
     """List entries, newest first: task, reason, age, attempts, exception, id.
 
     When more entries match than --limit, a last line names the --cursor of the
-    next page (next_cursor with --json; null on the last page).
+    next page (next_cursor with --json; null on the last page). Each entry that
+    cannot be decoded gets a "warning: ..." line on stderr and is skipped.
     """
     queue, mask = _queue()
     page = queue.list(task_name=task_name, reason=reason, limit=limit, cursor=cursor)
+    for entry_id, why in page.skipped:
+        click.echo(
+            f"warning: {_line(why)}; skipped (dlq rm {_line(entry_id)} removes it)", err=True
+        )
     if as_json:
         entries = [view(entry, mask, reveal) for entry in page.entries]
-        click.echo(json.dumps({"entries": entries, "next_cursor": page.cursor}, indent=2))
+        skipped = [{"id": entry_id, "error": why} for entry_id, why in page.skipped]
+        document = {"entries": entries, "next_cursor": page.cursor, "skipped": skipped}
+        click.echo(json.dumps(document, indent=2))
         return
     if not page.entries:
         click.echo("no dead letters")
@@ -251,10 +368,10 @@ def ls(
         now = time.time()
         rows = [
             [
-                _line(e.task_name),
-                _line(e.reason),
-                age(now - e.last_failure_at) if isinstance(e.last_failure_at, float | int) else "?",
-                _line(e.attempts),
+                _fit(_line(e.task_name), 80),
+                _fit(_line(e.reason), 40),
+                age(now - e.last_failure_at),
+                _fit(_line(e.attempts), 12),
                 _line(_exception(e)),
                 _line(e.id),
             ]
@@ -276,15 +393,30 @@ def _table(header: list[str], rows: list[list[str]], squeeze: int) -> None:
         click.echo("  ".join(cells).rstrip())
 
 
+def _cut(text: str, limit: int, full: bool) -> tuple[str, bool]:
+    """``text`` cut to ``limit`` characters unless ``full``, and whether it was cut."""
+    if full or len(text) <= limit:
+        return text, False
+    return f"{text[:limit]}... [cut: {len(text):,} characters; --full shows all]", True
+
+
 @dlq.command()
 @click.argument("entry_id", metavar="ID")
-@_option("--json", "as_json", is_flag=True, help="Print the entry as a JSON object.")
+@_option("--json", "as_json", is_flag=True, help="Print the entry as a JSON object (never cut).")
 @_option("--reveal", is_flag=True, help="Show masked argument values.")
+@_option("--full", is_flag=True, help=f"Do not cut values longer than {CUT} characters.")
 @_reports_errors
-def show(entry_id: str, as_json: bool, reveal: bool) -> None:
-    """Print every field of one entry, traceback included."""
+def show(entry_id: str, as_json: bool, reveal: bool, full: bool) -> None:
+    """Print every field of one entry, traceback included.
+
+    Values longer than 1000 characters (the traceback: 10,000) are cut, saying so,
+    unless --full; --json prints every value whole.
+    """
     queue, mask = _queue()
-    entry = queue.get(entry_id)
+    try:
+        entry = queue.get(entry_id)
+    except MalformedEntry as exc:
+        raise Failure(f"{exc} (dlq rm {entry_id} removes it)") from None
     data = view(entry, mask, reveal)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -308,7 +440,7 @@ def show(entry_id: str, as_json: bool, reveal: bool) -> None:
         ("priority", entry.priority),
         ("lock key", entry.lock_key),
         ("hostname", entry.hostname),
-        ("argnames", ", ".join(map(str, entry.argnames or []))),
+        ("argnames", ", ".join(entry.argnames or [])),
         ("args", None if raw else json.dumps(data["args"])),
         ("kwargs", None if raw else json.dumps(data["kwargs"])),
         ("body", _body_text(entry) if raw else None),
@@ -316,12 +448,13 @@ def show(entry_id: str, as_json: bool, reveal: bool) -> None:
         ("kwargs repr", data["kwargs_repr"]),
     ]
     for label, value in fields:
-        shown = "-" if value is None or value == "" else _line(value)
+        shown, _ = _cut("-" if value is None or value == "" else _line(value), CUT, full)
         if value == MASK and label.endswith("repr"):
             shown += " (hidden: it cannot be masked; --reveal shows it)"
         click.echo(f"{label + ':':<15}{shown}")
     click.echo("traceback:")
-    for text in _safe(str(entry.traceback or "-"), keep_newlines=True).splitlines():
+    traceback, _ = _cut(str(entry.traceback or "-"), 10 * CUT, full)
+    for text in _safe(traceback, keep_newlines=True).splitlines():
         click.echo(f"  {text}")
 
 
@@ -347,8 +480,9 @@ def replay(
 ) -> None:
     """Publish entries' tasks again (same task id and routing), then remove them.
 
-    Prints "replayed ID as task TASK_ID" per entry; each entry that cannot be
-    replayed gets an "error: ..." line on stderr (it stays) and the exit code is 1.
+    Prints "replayed ID as task TASK_ID" per published entry; each entry that
+    cannot be replayed, or was published but could not be removed, gets an
+    "error: ..." line on stderr (it stays) and the exit code is 1.
     """
     if replay_all == bool(entry_ids):
         raise Failure("pass entry ids or --all (not both)")
@@ -357,18 +491,29 @@ def replay(
     queue, _ = _queue()
     queue.app.loader.import_default_modules()  # register the tasks, as a worker does
     if not replay_all:
-        _each(
-            entry_ids, lambda entry_id: _replayed(entry_id, queue.replay(entry_id, force=force).id)
-        )
+
+        def replay_one(entry_id: str) -> None:
+            try:
+                task_id = queue.replay(entry_id, force=force).id
+            except ReplayNotRemoved as exc:
+                _replayed(entry_id, exc.task_id)
+                raise
+            _replayed(entry_id, task_id)
+
+        _each(entry_ids, replay_one)
         return
-    task_ids = {e.id: e.task_id for e in queue.iter(task_name=task_name, reason=reason)}
+    task_ids = {
+        e.id: e.task_id
+        for page in queue.pages(task_name=task_name, reason=reason)
+        for e in page.entries
+    }
     report = queue.replay_all(task_name=task_name, reason=reason, rate=rate, force=force)
     for entry_id in report.replayed:
         _replayed(entry_id, task_ids.get(entry_id, "?"))
-    for message in report.refused.values():
+    for message in [*report.not_removed.values(), *report.refused.values()]:
         click.echo(f"error: {_line(message)}", err=True)
     click.echo(f"replayed {len(report.replayed)} of {len(report.replayed) + len(report.refused)}")
-    if report.refused:
+    if report.refused or report.not_removed:
         raise click.exceptions.Exit(1)
 
 

@@ -217,16 +217,17 @@ def test_age_is_humanized_in_whole_units(seconds: float, shown: str) -> None:
 def test_ls_json_prints_every_field_of_every_entry(
     cli: Run, store: Callable[..., DeadLetter]
 ) -> None:
-    """ls --json: only JSON on stdout, full entries newest first, next_cursor null."""
+    """ls --json --reveal: only JSON on stdout, full entries newest first, next_cursor null."""
     older = store(age=600)
     newer = store(age=60, kwargs={"commitid": "abc"})
 
-    result = cli("ls", "--json")
+    result = cli("ls", "--json", "--reveal")
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
         "entries": [asdict(newer), asdict(older)],
         "next_cursor": None,
+        "skipped": [],
     }
 
 
@@ -270,7 +271,7 @@ def test_show_prints_every_field_and_the_traceback(
     assert shown["task"] == "cli.upload"
     assert shown["exception"] == "builtins.ConnectionError"
     assert shown["message"] == "upstream refused"
-    assert shown["args"] == '[42, "c0ffee"]'
+    assert shown["args"] == '[42, "***"]'  # the task's argument is named token
     assert shown["kwargs"] == '{"commitid": "abc"}'
     assert shown["argnames"] == "repoid, token"
     assert shown["lock key"] == "upload:42"
@@ -281,10 +282,10 @@ def test_show_prints_every_field_and_the_traceback(
 
 
 def test_show_json_prints_the_entry(cli: Run, store: Callable[..., DeadLetter]) -> None:
-    """show ID --json: the entry as one JSON object, every field included."""
+    """show ID --json --reveal: the entry as one JSON object, every field as stored."""
     entry = store()
 
-    result = cli("show", entry.id, "--json")
+    result = cli("show", entry.id, "--json", "--reveal")
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == asdict(entry)
@@ -491,3 +492,259 @@ def test_bad_input_is_one_error_line(
     assert "cursor 'bogus'" in _error_line(cursor)
     assert f"dead letter {entry.id} cannot be decoded" in _error_line(malformed)
     assert "resilience_dlq_mask_args" in _error_line(setting)
+
+
+def _write(redis_url: str, key: str, value: bytes | str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.set(key, value)
+    client.close()
+
+
+CORRUPT: dict[str, Callable[[DeadLetter], bytes | str]] = {
+    "binary": lambda e: b"\x80\xff\xfe not utf-8",
+    "deeply nested": lambda e: e.to_json()[:-1] + ',"x":' + "[" * 100_000 + "]" * 100_000 + "}",
+    "nested past the limit": lambda e: json.dumps(
+        {**asdict(e), "args": [json.loads("[" * 150 + "]" * 150)]}
+    ),
+    "wrong types": lambda e: json.dumps({**asdict(e), "attempts": "eleven", "kwargs": []}),
+    "NaN time": lambda e: e.to_json().replace(f"{e.last_failure_at!r}", "NaN"),
+    "huge, not an object": lambda e: json.dumps("x" * 5_000_000),
+    "an array": lambda e: "[1, 2]",
+    "another id": lambda e: json.dumps({**asdict(e), "id": "someone-else"}),
+}
+
+
+def test_ls_names_and_skips_every_entry_that_cannot_be_decoded(
+    cli_many: Callable[..., list[subprocess.CompletedProcess[str]]],
+    store: Callable[..., DeadLetter],
+    redis_url: str,
+    key_prefix: str,
+) -> None:
+    """ls and ls --json list the good entries and name each undecodable one on stderr."""
+    good = [store(age=10), store(age=500)]
+    bad = {}
+    for i, (kind, corrupt) in enumerate(CORRUPT.items()):
+        entry = store(age=20 + i)  # between the good ones
+        _write(redis_url, f"{key_prefix}:dlq:e:{entry.id}", corrupt(entry))
+        bad[entry.id] = kind
+
+    table, as_json = cli_many(["ls"], ["ls", "--json", "--reveal"])
+
+    for result in (table, as_json):
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        warnings = result.stderr.splitlines()
+        assert len(warnings) == len(bad), result.stderr
+        for line, entry_id in zip(warnings, bad, strict=True):  # newest first, like the list
+            assert line.startswith(f"warning: dead letter {entry_id} "), (bad[entry_id], line)
+            assert line.endswith(f"; skipped (dlq rm {entry_id} removes it)")
+    assert [row.split()[-1] for row in table.stdout.splitlines()[1:]] == [e.id for e in good]
+    document = json.loads(as_json.stdout)
+    assert document["entries"] == [asdict(e) for e in good]
+    assert [s["id"] for s in document["skipped"]] == list(bad)
+    assert "nested too deeply" in document["skipped"][1]["error"]
+    assert "invalid attempts: 'eleven'" in document["skipped"][3]["error"]
+
+
+@pytest.mark.parametrize("kind", ["binary", "deeply nested", "wrong types", "another id"])
+def test_show_of_an_entry_that_cannot_be_decoded_is_one_error_line(
+    cli: Run, store: Callable[..., DeadLetter], redis_url: str, key_prefix: str, kind: str
+) -> None:
+    """show of a corrupt entry: one error line naming it and how to remove it, exit 1."""
+    entry = store()
+    _write(redis_url, f"{key_prefix}:dlq:e:{entry.id}", CORRUPT[kind](entry))
+
+    line = _error_line(cli("show", entry.id))
+
+    assert line.startswith(f"error: dead letter {entry.id} ")
+    assert line.endswith(f"(dlq rm {entry.id} removes it)")
+
+
+def _index_members(redis_url: str, key_prefix: str, entry_id: str) -> dict[str, bool]:
+    """Which of the DLQ's indexes (and its meta hash) still name ``entry_id``."""
+    client = redis.Redis.from_url(redis_url)
+    p = key_prefix
+    indexes = [f"{p}:dlq:all", f"{p}:dlq:t:cli.upload", f"{p}:dlq:r:max_retries"]
+    found = {key: client.zscore(key, entry_id) is not None for key in indexes}
+    found[f"{p}:dlq:tr:cli.upload:max_retries"] = (
+        client.zscore(f"{p}:dlq:tr:cli.upload:max_retries", entry_id) is not None
+    )
+    found[f"{p}:dlq:meta"] = bool(client.hexists(f"{p}:dlq:meta", entry_id))
+    client.close()
+    return found
+
+
+@pytest.mark.parametrize("meta", [b"no separator", b"", b"\xff\xfe\x00\x1f"])
+def test_replay_over_a_corrupt_meta_publishes_and_leaves_no_index_member(
+    cli: Run,
+    store: Callable[..., DeadLetter],
+    dlq: DeadLetterQueue,
+    redis_url: str,
+    key_prefix: str,
+    meta: bytes,
+) -> None:
+    """A corrupt meta value: replay publishes, then the entry is gone from every index."""
+    entry, kept = store(), store()
+    client = redis.Redis.from_url(redis_url)
+    client.hset(f"{key_prefix}:dlq:meta", entry.id, meta)
+
+    result = cli("replay", entry.id)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"replayed {entry.id} as task {entry.task_id}\n"
+    (message,) = client.lrange(f"{key_prefix}:broker:celery", 0, -1)
+    client.close()
+    assert json.loads(message)["headers"]["id"] == entry.task_id
+    listed = cli("ls", "--json")
+    assert [e["id"] for e in json.loads(listed.stdout)["entries"]] == [kept.id]
+    assert dlq.count() == dlq.count(task_name="cli.upload") == dlq.count(reason="max_retries") == 1
+    assert dlq.count(task_name="cli.upload", reason="max_retries") == 1
+    assert not any(_index_members(redis_url, key_prefix, entry.id).values())
+    assert all(_index_members(redis_url, key_prefix, kept.id).values())
+
+
+def test_a_replay_whose_cleanup_fails_says_the_task_was_published_and_rm_removes_it(
+    cli: Run, redis_url: str, evicting_redis: str, key_prefix: str, pycache: str
+) -> None:
+    """The DLQ refuses the delete (an ACL user without scripts): published, said so, exit 1."""
+    admin = redis.Redis.from_url(evicting_redis)  # a private server: ACL users are ours
+    admin.execute_command(
+        "ACL", "SETUSER", "reader", "on", ">pw", "~*", "&*", "+@all", "-evalsha", "-eval"
+    )
+    app = Celery("cli_cleanup", set_as_current=False)
+    app.conf.update(resilience_url=evicting_redis, resilience_key_prefix=key_prefix)
+    queue = DeadLetterQueue(app)
+    now = time.time()
+    entry = DeadLetter(
+        id=uuid.uuid4().hex, task_id=str(uuid.uuid4()), task_name="cli.upload",
+        reason="error", exception_type="builtins.ValueError", exception_message="bad",
+        traceback="", attempts=1, deliveries=1, first_failure_at=now, last_failure_at=now,
+        args=[1, "t"], kwargs={}, queue="celery", routing_key="celery", exchange="",
+    )  # fmt: skip
+    queue.backend.store(entry, retention=3600, max_entries=100)
+    limited = evicting_redis.replace("redis://", "redis://reader:pw@")
+
+    replayed = cli("replay", entry.id, resilience_url=limited)
+
+    assert replayed.stdout == f"replayed {entry.id} as task {entry.task_id}\n"
+    line = _error_line(replayed)
+    assert f"dead letter {entry.id} WAS replayed (published as task {entry.task_id})" in line
+    assert f"dlq rm {entry.id}" in line
+    assert "pw@" not in line
+    broker = redis.Redis.from_url(redis_url)
+    assert broker.llen(f"{key_prefix}:broker:celery") == 1
+    broker.close()
+    assert [e.id for e in queue.iter()] == [entry.id]  # still findable
+
+    removed = cli("rm", entry.id, resilience_url=evicting_redis)
+
+    assert removed.stdout == f"deleted {entry.id}\n", removed.stderr
+    assert queue.count() == 0
+    queue.backend.close()
+    admin.close()
+
+
+def test_show_cuts_a_five_megabyte_value_unless_full(
+    cli_many: Callable[..., list[subprocess.CompletedProcess[str]]],
+    store: Callable[..., DeadLetter],
+) -> None:
+    """show cuts long args, reprs and messages, saying so; --full and --json print them whole."""
+    blob = "z" * 5_000_000
+    entry = store(
+        args=[42, "c0ffee"], kwargs={"payload": blob}, kwargs_repr=repr({"payload": blob}),
+        exception_message=blob,
+    )  # fmt: skip
+
+    cut, full, as_json = cli_many(
+        ["show", entry.id], ["show", entry.id, "--full"], ["show", entry.id, "--json"]
+    )
+
+    assert [r.returncode for r in (cut, full, as_json)] == [0, 0, 0], cut.stderr
+    assert len(cut.stdout) < 20_000
+    lines = {line.split(":", 1)[0]: line for line in cut.stdout.splitlines()}
+    for label in ("kwargs", "kwargs repr", "message"):
+        assert "... [cut: 5,000,0" in lines[label]
+        assert lines[label].endswith("characters; --full shows all]")
+    assert blob in full.stdout
+    assert json.loads(as_json.stdout)["kwargs"]["payload"] == blob
+
+
+def test_secret_looking_argument_names_are_masked_by_default(
+    cli_many: Callable[..., list[subprocess.CompletedProcess[str]]],
+    store: Callable[..., DeadLetter],
+) -> None:
+    """Names like db_password, X-Api-Key, refreshToken are *** in ls/show, nested too."""
+    secrets = {
+        "db_password": "pw-1",
+        "apiKey": "key-2",
+        "session_cookie": "cookie-3",
+        "refreshToken": "tok-4",
+        "config": {"headers": {"X-Api-Key": "key-5", "Authorization": "Bearer 6"}},
+        "items": [{"private_key": "pk-7"}],
+    }
+    harmless = {"tokenizer": "bert", "monkey": "george", "commitid": "abc"}
+    entry = store(
+        args=[42, "tok-positional"],
+        kwargs={**secrets, **harmless},
+        args_repr="(42, 'tok-positional')",
+        kwargs_repr=repr({**secrets, **harmless}),
+    )
+
+    shown, shown_json, listed, revealed, added = cli_many(
+        ["show", entry.id],
+        ["show", entry.id, "--json"],
+        ["ls", "--json"],
+        ["show", entry.id, "--reveal"],
+        ["show", entry.id, "--json", "--reveal"],
+    )
+
+    values = ["pw-1", "key-2", "cookie-3", "tok-4", "key-5", "Bearer 6", "pk-7", "tok-positional"]
+    for result in (shown, shown_json, listed):
+        assert result.returncode == 0, result.stderr
+        assert not [v for v in values if v in result.stdout]
+        assert all(v in result.stdout for v in ("bert", "george", "abc"))
+    masked = json.loads(shown_json.stdout)
+    assert masked["args"] == [42, "***"]
+    assert masked["kwargs"]["config"] == {"headers": {"X-Api-Key": "***", "Authorization": "***"}}
+    assert masked["kwargs"]["items"] == [{"private_key": "***"}]
+    assert "'db_password': ***" in masked["kwargs_repr"]
+    assert json.loads(listed.stdout)["entries"] == [masked]
+    assert all(v in revealed.stdout for v in values)
+    assert json.loads(added.stdout) == asdict(entry)
+
+
+def test_names_in_the_mask_setting_are_masked_too(
+    cli: Run, store: Callable[..., DeadLetter]
+) -> None:
+    """resilience_dlq_mask_args adds names (here the positional repoid) to the defaults."""
+    entry = store(args=[42, "t"], kwargs={"commitid": "abc"})
+
+    result = cli("show", entry.id, "--json", mask="repoid,commitid")
+
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert (shown["args"], shown["kwargs"]) == (["***", "***"], {"commitid": "***"})
+
+
+def test_a_closed_pipe_ends_the_command_quietly(
+    redis_url: str, key_prefix: str, pycache: str, store: Callable[..., DeadLetter]
+) -> None:
+    """ls | (read one line): no error, no traceback, exit 141 as git and ls (SIGPIPE)."""
+    for i in range(1000):  # about 110 kB of table: more than a pipe holds
+        store(age=60 + i)
+    env = _env(redis_url, key_prefix, pycache)
+    lister = subprocess.Popen(
+        _command("ls", "--limit", "1000"),
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert lister.stdout is not None
+    reader = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.stdin.readline().strip())"],
+        stdin=lister.stdout, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    lister.stdout.close()  # only the reader holds the pipe's read end; it has exited
+    _, err = lister.communicate(timeout=30)
+
+    assert reader.stdout.split() == ["TASK", "REASON", "AGE", "ATTEMPTS", "EXCEPTION", "ID"]
+    assert err == b""
+    assert lister.returncode == 141
