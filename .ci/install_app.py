@@ -9,6 +9,7 @@ sets: one Redis for broker, results, coordination and DLQ, with every key under
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
 
@@ -38,7 +39,7 @@ if os.environ.get("INSTALL_CHECK_PROMETHEUS_PORT"):
     backoff=Backoff(base=0.2, cap=0.2, jitter="none"),
 )
 @app.task(bind=True)
-def add(self, x, y):
+def add(self: Any, x: int, y: int) -> int:
     """Fail the first run with a retryable error, then return ``x + y``."""
     if self.request.retries == 0:
         raise ConnectionError("install check: the first run fails on purpose")
@@ -47,6 +48,6 @@ def add(self, x, y):
 
 @resilient(max_retries=0, retry_on=(ValueError,), dlq=True)
 @app.task
-def give_up():
+def give_up() -> None:
     """Always fail: the task ends in the dead-letter queue."""
     raise ValueError("install check: kept in the dead-letter queue")

@@ -36,6 +36,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -280,13 +281,30 @@ def check(extras: list[str], workdir: Path) -> None:
             print("--- end of worker log ---", flush=True)
             raise
     finally:
-        worker.stop()
-        with contextlib.suppress(Exception):
-            cleanup(prefix)
+        with deferred_signals():
+            worker.stop()
+            with contextlib.suppress(Exception):
+                cleanup(prefix)
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # so that `finally` stops the worker
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGTERM/SIGINT wait until the block (stopping the worker) is done, then exit."""
+    received: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _terminate)
+    if received:
+        say(f"signal {received[0]} received: exiting")
+        raise SystemExit(128 + received[0])
 
 
 def main(argv: list[str]) -> int:
