@@ -491,3 +491,82 @@ def test_a_raw_body_is_replayed_byte_for_byte_to_the_tasks_queue(
     assert message["headers"]["id"] == failed.id
     assert message["headers"]["task"] == schedule.name
     assert message["headers"]["resilience_replays"] == 1
+
+
+def _corrupt(app: Celery, entry: DeadLetter, value: str) -> None:
+    """Overwrite the stored document of ``entry`` in the app's Redis DLQ."""
+    settings = runtime(app).settings
+    client = redis.Redis.from_url(settings.dlq_url)
+    client.set(f"{settings.key_prefix}:dlq:e:{entry.id}", value)
+    client.close()
+
+
+@pytest.mark.parametrize("backend_url", ["redis"], indirect=True)
+def test_list_names_undecodable_entries_in_the_page_and_iter_logs_them(
+    app: Celery, dlq: DeadLetterQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """list() skips an entry nested too deeply and names it in page.skipped; iter() logs it."""
+
+    @app.task(shared=False)
+    def job(n: int) -> None: ...
+
+    now = time.time()
+    newer, bad, older = (stored(dlq, job, last_failure_at=now - i) for i in range(3))
+    _corrupt(app, bad, '{"args": ' + "[" * 50_000 + "]" * 50_000 + "}")
+
+    page = dlq.list()
+
+    assert [e.id for e in page.entries] == [newer.id, older.id]
+    assert page.skipped == [(bad.id, f"dead letter {bad.id} cannot be decoded: nested too deeply")]
+    with caplog.at_level("WARNING", logger="celery_resilience.dlq"):
+        assert [e.id for e in dlq.iter()] == [newer.id, older.id]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"celery-resilience: skipped dead letter {bad.id}: {page.skipped[0][1]}"
+    ]
+
+
+@pytest.mark.parametrize("backend_url", ["redis"], indirect=True)
+def test_replay_all_reports_an_undecodable_entry_as_refused_and_replays_the_rest(
+    app: Celery, dlq: DeadLetterQueue
+) -> None:
+    """replay_all: the entry that cannot be decoded is refused with why; the others run."""
+    ran: list[int] = []
+
+    @resilient
+    @app.task(shared=False)
+    def job(n: int) -> None:
+        ran.append(n)
+
+    good = stored(dlq, job, args=[1])
+    bad = stored(dlq, job, args=[2])
+    _corrupt(app, bad, "[]")
+
+    report = dlq.replay_all(rate=1000)
+
+    assert (report.replayed, ran) == ([good.id], [1])
+    assert report.refused == {
+        bad.id: f"dead letter {bad.id} cannot be decoded: a JSON list, not an object"
+    }
+
+
+def test_arguments_nested_too_deeply_for_an_entry_are_kept_raw(
+    app: Celery, dlq: DeadLetterQueue
+) -> None:
+    """An argument nested 150 levels deep is kept as the serializer's bytes, and listed."""
+    deep: list[Any] = []
+    for _ in range(150):
+        deep = [deep]
+
+    @resilient(max_retries=0)
+    @app.task(shared=False)
+    def walk(tree: list[Any]) -> None:
+        raise ValueError("no")
+
+    walk.delay(deep)
+    entry = only_entry(dlq, walk)
+    assert (entry.args, entry.kwargs) == (None, None)
+    assert entry.body is not None
+    args, _kwargs, _embed = loads(
+        entry.body.payload(), entry.body.content_type, entry.body.content_encoding
+    )
+    assert args == [deep]

@@ -411,3 +411,74 @@ def test_ten_thousand_entries_are_stored_counted_paged_and_purged(
         f"\n{kind}: store 10,000 {stored - started:.2f} s, page them 500 a page "
         f"{paged - paging:.2f} s, purge {purged - paged:.2f} s"
     )
+
+
+def _members(url: str, prefix: str, entry: DeadLetter) -> list[str]:
+    """The DLQ keys that still name ``entry`` (its document, meta field, index members)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    p, t, r = prefix, entry.task_name, entry.reason
+    left = [
+        index
+        for index in ("all", f"t:{t}", f"r:{r}", f"tr:{t}:{r}")
+        if client.type(f"{p}:dlq:{index}") == b"zset"
+        and client.zscore(f"{p}:dlq:{index}", entry.id) is not None
+    ]
+    left += ["meta"] if client.hexists(f"{p}:dlq:meta", entry.id) else []
+    left += ["entry"] if client.exists(f"{p}:dlq:e:{entry.id}") else []
+    client.close()
+    return left
+
+
+@pytest.mark.parametrize("kind", ["redis"])
+@pytest.mark.parametrize("meta", [b"no separator", b"", b"\xff\xfe", b"\x1f"])
+@pytest.mark.parametrize("removal", ["delete", "purge", "purge one task", "trim"])
+def test_an_entry_with_a_corrupt_meta_leaves_no_index_member(
+    dlq: DeadLetterBackend, redis_url: str, key_prefix: str, meta: bytes, removal: str
+) -> None:
+    """delete, purge and the cap's trim remove an entry whose meta is corrupt from every index."""
+    import redis
+
+    doomed, other = letter(at=NOW - 2), letter(at=NOW - 1)
+    store(dlq, doomed, other)
+    client = redis.Redis.from_url(redis_url)
+    client.hset(f"{key_prefix}:dlq:meta", doomed.id, meta)
+    client.close()
+
+    if removal == "delete":
+        assert dlq.delete(doomed.id) is True
+    elif removal == "purge":
+        assert dlq.purge() == 2
+    elif removal == "purge one task":
+        assert dlq.purge(task_name="tasks.upload") == 2
+    else:
+        dlq.store(letter(at=NOW), retention=KEEP, max_entries=2)  # trims the oldest
+
+    assert _members(redis_url, key_prefix, doomed) == []
+    assert dlq.count() == dlq.count(task_name="tasks.upload") == len(ids(dlq.list()))
+    assert dlq.count(reason="max_retries") == dlq.count(
+        task_name="tasks.upload", reason="max_retries"
+    )
+    assert dlq.count(reason="max_retries") == dlq.count()
+
+
+@pytest.mark.parametrize("kind", ["redis"])
+def test_a_store_over_a_key_of_another_type_writes_nothing(
+    dlq: DeadLetterBackend, redis_url: str, key_prefix: str
+) -> None:
+    """A per-reason index that is not a sorted set: store fails before its first write."""
+    import redis
+
+    from celery_resilience.errors import BackendUnavailable
+
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{key_prefix}:dlq:r:max_retries", "not an index")
+    client.close()
+    entry = letter()
+
+    with pytest.raises(BackendUnavailable, match="holds a string, not a zset; nothing was written"):
+        store(dlq, entry)
+
+    assert _members(redis_url, key_prefix, entry) == []
+    assert dlq.count() == 0
