@@ -15,6 +15,7 @@ from celery_resilience.decorator import resilient
 from celery_resilience.dlq import (
     DeadLetterQueue,
     ReplayFailed,
+    ReplayNotRemoved,
     ReplayRefused,
     ReplayReport,
     UnknownEntry,
@@ -47,6 +48,7 @@ __all__ = [
     "MissingExtraError",
     "NoCurrentAttempt",
     "ReplayFailed",
+    "ReplayNotRemoved",
     "ReplayRefused",
     "ReplayReport",
     "ResilienceError",
