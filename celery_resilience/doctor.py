@@ -265,52 +265,75 @@ def _backends(app: Any, settings: Settings) -> list[Finding]:
             ))  # fmt: skip
     if findings:
         return findings
-    return storage_findings(settings) + _dlq_eviction(settings.name_of("dlq_url"), rt.dlq)
+    findings = storage_findings(settings)
+    if not dlq_checked_by_storage(settings):  # a plugin's DLQ: ask the backend itself
+        findings += _dlq_eviction(settings.name_of("dlq_url"), rt.dlq)
+    return findings
 
 
 def storage_findings(settings: Settings) -> list[Finding]:
-    """A coordination or DLQ Redis that loses its data on restart (no AOF, no RDB).
+    """A coordination or DLQ Redis that loses its data on restart (no AOF, no RDB) or
+    evicts keys under memory pressure (``maxmemory-policy`` other than ``noeviction``).
 
     Also what the worker logs at start. A server that does not answer ``CONFIG GET``
-    (an ACL, a managed Redis) gives a warning that it could not be checked.
+    (an ACL, a managed Redis) gives one warning per server that it could not be checked.
     """
     losses = {
         "url": "every lease, crash count and completion record (a locked task gets a "
         "second holder while the first still runs; a finished task runs again)",
         "dlq_url": "every dead letter",
     }
-    urls: dict[str, list[str]] = {}
-    for name in ("url", "dlq_url"):
-        urls.setdefault(getattr(settings, name), []).append(name)
     findings = []
-    for url, names in urls.items():
-        if not url.lower().startswith(_PERSISTED):
-            continue
+    for url, names in _redis_urls(settings).items():
         setting = settings.name_of(names[0])
-        from celery_resilience.backends.redis import persists
+        from celery_resilience.backends.redis import storage
 
         try:
-            persistent = persists(url, "coordination" if "url" in names else "DLQ")
+            kept = storage(url, "coordination" if "url" in names else "DLQ")
         except BackendUnavailable as exc:
             findings.append(Finding(
                 setting,
-                f"could not check that its Redis keeps data over a restart: {exc}.",
+                f"could not check that its Redis keeps data over a restart and does not "
+                f"evict keys: {exc}.",
                 "make sure that Redis has appendonly yes (or RDB save points) and "
                 "maxmemory-policy noeviction.",
                 warning=True,
             ))  # fmt: skip
             continue
-        if not persistent:
-            # resilience_url unset: the broker's Redis is also the coordination backend
-            other = "set resilience_url to" if setting == "broker_url" else f"point {setting} at"
+        lost = " and ".join(losses[n] for n in names)
+        # resilience_url unset: the broker's Redis is also the coordination backend
+        other = "set resilience_url to" if setting == "broker_url" else f"point {setting} at"
+        if not kept.persistent:
             findings.append(Finding(
                 setting,
                 f"the Redis at {mask_url(url)} has no persistence (appendonly no, no RDB "
-                f"save points): a restart loses {' and '.join(losses[n] for n in names)}.",
+                f"save points): a restart loses {lost}.",
                 "turn on appendonly yes on that Redis (redis.conf, or CONFIG SET appendonly "
                 f"yes and CONFIG REWRITE), or {other} a Redis that has it.",
             ))  # fmt: skip
+        if kept.eviction_policy is not None:
+            findings.append(Finding(
+                setting,
+                f"the Redis at {mask_url(url)} has maxmemory-policy {kept.eviction_policy}: "
+                f"under memory pressure it evicts, without trace, {lost}.",
+                f"set maxmemory-policy noeviction on that Redis, or {other} one that has it.",
+            ))  # fmt: skip
     return findings
+
+
+def _redis_urls(settings: Settings) -> dict[str, list[str]]:
+    """Each Redis URL of the backends, with the settings (``url``, ``dlq_url``) naming it."""
+    urls: dict[str, list[str]] = {}
+    for name in ("url", "dlq_url"):
+        url = getattr(settings, name)
+        if url.lower().startswith(_PERSISTED):
+            urls.setdefault(url, []).append(name)
+    return urls
+
+
+def dlq_checked_by_storage(settings: Settings) -> bool:
+    """Whether ``storage_findings`` already checks the DLQ's store (a Redis URL)."""
+    return settings.dlq_url.lower().startswith(_PERSISTED)
 
 
 def _dlq_eviction(setting: str, dlq: DeadLetterBackend) -> list[Finding]:

@@ -8,7 +8,7 @@ from typing import Any
 from celery import bootsteps
 
 from celery_resilience.backends.base import DeadLetterBackend
-from celery_resilience.doctor import storage_findings
+from celery_resilience.doctor import dlq_checked_by_storage, storage_findings
 from celery_resilience.errors import ResilienceError
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import require_shared_backend
@@ -53,7 +53,8 @@ class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
         )
         for finding in storage_findings(settings):
             logger.warning("celery-resilience: %s", str(finding).removeprefix("warning: "))
-        _warn_if_dlq_can_evict(rt.dlq)
+        if not dlq_checked_by_storage(settings):  # a plugin's DLQ: ask the backend
+            _warn_if_dlq_can_evict(rt.dlq)
 
 
 def _warn_if_dlq_can_evict(dlq: DeadLetterBackend) -> None:

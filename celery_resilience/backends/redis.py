@@ -6,6 +6,7 @@ two round trips: ``admit`` before the body and ``finish`` after it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery_resilience.backends.base import Admission, AdmitResult
@@ -127,9 +128,25 @@ def call(role: str, url: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> 
         ) from exc
 
 
-def persists(url: str, role: str) -> bool:
-    """Whether the Redis at ``url`` keeps its data over a restart: AOF on
-    (``appendonly yes``) or RDB save points set (``CONFIG GET save`` not empty).
+EVICTING = frozenset({
+    "allkeys-lru", "allkeys-lfu", "allkeys-random",
+    "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+})  # fmt: skip
+"""``maxmemory-policy`` values under which Redis deletes keys to make room."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """What the Redis at a URL does with its data: keeps it over a restart (AOF on, or
+    RDB save points set), and evicts keys under memory pressure (the policy, or None
+    for ``noeviction``)."""
+
+    persistent: bool
+    eviction_policy: str | None
+
+
+def storage(url: str, role: str) -> Storage:
+    """Ask the Redis at ``url`` how it keeps data (``CONFIG GET``, three round trips).
 
     Raises ``BackendUnavailable`` naming ``role`` and the masked URL when the server
     cannot be asked: unreachable, or ``CONFIG`` refused by an ACL or a managed service.
@@ -138,12 +155,20 @@ def persists(url: str, role: str) -> bool:
     try:
 
         def read() -> dict[Any, Any]:
-            return {**client.config_get("appendonly"), **client.config_get("save")}
+            return {
+                **client.config_get("appendonly"),
+                **client.config_get("save"),
+                **client.config_get("maxmemory-policy"),
+            }
 
         config: dict[Any, Any] = call(role, mask_url(url), "CONFIG GET", read)
     finally:
         client.close()
-    return config.get("appendonly") == "yes" or bool(config.get("save", "").strip())
+    policy = config.get("maxmemory-policy")
+    return Storage(
+        persistent=config.get("appendonly") == "yes" or bool(config.get("save", "").strip()),
+        eviction_policy=policy if policy in EVICTING else None,
+    )
 
 
 def _ms(seconds: float) -> int:

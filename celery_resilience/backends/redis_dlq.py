@@ -19,7 +19,7 @@ from celery_resilience.backends.base import (
     score_of,
     to_score,
 )
-from celery_resilience.backends.redis import call, connect
+from celery_resilience.backends.redis import EVICTING, call, connect
 from celery_resilience.deadletter import DeadLetter, MalformedEntry
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.outcome import GIVE_UP_REASONS
@@ -173,16 +173,6 @@ _Place = tuple[int, str]  # (score, id): where an index row sorts
 _Rows = list[tuple[bytes, float]]
 _Decoded = list[tuple[_Place, DeadLetter | str]]
 
-_EVICTING = {
-    "allkeys-lru",
-    "allkeys-lfu",
-    "allkeys-random",
-    "volatile-lru",
-    "volatile-lfu",
-    "volatile-random",
-    "volatile-ttl",
-}
-
 
 class RedisDeadLetterBackend:
     """``celery_resilience.backends.base.DeadLetterBackend`` on Redis."""
@@ -325,7 +315,7 @@ class RedisDeadLetterBackend:
         config = self._call("CONFIG GET", self._client.config_get, "maxmemory-policy")
         policy = config.get("maxmemory-policy")
         policy = policy.decode() if isinstance(policy, bytes) else policy
-        return policy if policy in _EVICTING else None
+        return policy if policy in EVICTING else None
 
     def ping(self) -> None:
         self._call("ping", self._client.ping)
