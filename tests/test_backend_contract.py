@@ -6,13 +6,17 @@ import itertools
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from celery_resilience.backends.base import Admission, CoordinationBackend
+from celery_resilience.backends.base import Admission, AdmitResult, CoordinationBackend
 from celery_resilience.plugins import get_plugin_manager
 from celery_resilience.runtime import build_backend
 from celery_resilience.settings import load_settings
+
+SHORT_LEASE = 0.2
+"""A lease TTL (seconds) short enough for a test to wait it out."""
 
 
 @pytest.fixture
@@ -26,31 +30,76 @@ def backend(backend_url: str, key_prefix: str) -> Iterator[CoordinationBackend]:
     b.close()
 
 
-def admit(backend: CoordinationBackend, task_id: str, attempt: int = 0, **kw: object):  # type: ignore[no-untyped-def]
-    params: dict[str, object] = {
-        "owner": "o1",
-        "lock_key": None,
-        "lease_ttl": 30.0,
-        "max_crashes": 3,
-        "record_ttl": 60.0,
-    }
-    params.update(kw)
-    return backend.admit(task_id, attempt, **params)  # type: ignore[arg-type]
+ADMIT: dict[str, Any] = {
+    "owner": "o1",
+    "publish": "p1",
+    "lock_key": None,
+    "lease_ttl": 30.0,
+    "max_crashes": 3,
+    "record_ttl": 60.0,
+}
+FINISH: dict[str, Any] = {
+    "owner": "o1",
+    "publish": "p1",
+    "lock_key": None,
+    "succeeded": True,
+    "record_ttl": 60.0,
+}
 
 
-def finish(backend: CoordinationBackend, task_id: str, attempt: int = 0, **kw: object) -> bool:
-    params: dict[str, object] = {
-        "owner": "o1",
-        "lock_key": None,
-        "succeeded": True,
-        "record_ttl": 60.0,
-    }
-    params.update(kw)
-    return backend.finish(task_id, attempt, **params)  # type: ignore[arg-type]
+def admit(backend: CoordinationBackend, task_id: str, **kw: Any) -> AdmitResult:
+    """``backend.admit`` with the ``ADMIT`` arguments, overridden by ``kw``."""
+    return backend.admit(task_id, **{**ADMIT, **kw})
+
+
+def finish(backend: CoordinationBackend, task_id: str, **kw: Any) -> bool:
+    """``backend.finish`` with the ``FINISH`` arguments, overridden by ``kw``."""
+    return backend.finish(task_id, **{**FINISH, **kw})
+
+
+def lose(
+    backend: CoordinationBackend, task_id: str, owner: str, lock_key: str | None = None
+) -> None:
+    """Admit a delivery of ``owner`` that then dies: its leases expire unfinished."""
+    result = admit(backend, task_id, owner=owner, lock_key=lock_key, lease_ttl=SHORT_LEASE)
+    assert result.admission is Admission.ADMITTED
+    wait_out_leases()
+
+
+def wait_out_leases() -> None:
+    time.sleep(SHORT_LEASE + 0.1)
+
+
+def complete(
+    backend: CoordinationBackend, task_id: str, *, owner: str = "o1", publish: str
+) -> None:
+    """Run one delivery of ``publish`` to a successful end."""
+    assert admit(backend, task_id, owner=owner, publish=publish).admission is Admission.ADMITTED
+    finish(backend, task_id, owner=owner, publish=publish)
+
+
+def run_lease_and_lock_elsewhere(backend: CoordinationBackend, owner: str) -> tuple[str, str]:
+    """A new task id whose run lease ``owner`` holds, and a new lock key owner "x" holds."""
+    tid, key = new_id(), new_key()
+    admit(backend, tid, owner=owner)
+    admit(backend, new_id(), owner="x", lock_key=key)
+    return tid, key
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def new_key() -> str:
+    return f"k-{new_id()}"
+
+
+def outcome(result: AdmitResult) -> tuple[Admission, int, bool]:
+    """What a caller branches on: the admission, the crash count, whether one was found."""
+    return result.admission, result.crashes, result.lost_predecessor
+
+
+# --- the backend itself ---------------------------------------------------------------
 
 
 def test_backend_satisfies_the_protocol(backend: CoordinationBackend) -> None:
@@ -59,21 +108,75 @@ def test_backend_satisfies_the_protocol(backend: CoordinationBackend) -> None:
     backend.ping()
 
 
+def test_prefix_separates_namespaces(backend_url: str, key_prefix: str) -> None:
+    """Two prefixes on one store do not see each other's leases or records."""
+    pm = get_plugin_manager()
+    a, b = (
+        build_backend(
+            pm,
+            load_settings(
+                {"resilience_url": backend_url, "resilience_key_prefix": f"{key_prefix}:{ns}"},
+                environ={},
+            ),
+        )
+        for ns in "ab"
+    )
+    key, tid = new_key(), new_id()
+    assert admit(a, tid, owner="a", lock_key=key).admission is Admission.ADMITTED
+    assert admit(b, tid, owner="b", lock_key=key).admission is Admission.ADMITTED
+    finish(a, tid, owner="a", lock_key=key)
+    assert admit(b, tid, owner="b2").admission is Admission.RUNNING
+    a.close()
+    b.close()
+
+
 def test_first_delivery_is_admitted_and_counted(backend: CoordinationBackend) -> None:
     """A new task id is admitted as delivery 1, without a fencing token when unlocked."""
-    result = admit(backend, new_id())
-    assert result.admission is Admission.ADMITTED
+    tid = new_id()
+    result = admit(backend, tid)
+    assert outcome(result) == (Admission.ADMITTED, 0, False)
     assert result.deliveries == 1
     assert result.fencing_token is None
+    assert backend.holds(tid, None, "o1") is True
+
+
+# --- completion records, per publish --------------------------------------------------
 
 
 def test_completed_task_id_is_a_duplicate(backend: CoordinationBackend) -> None:
-    """After a successful finish, the same task id is refused as a duplicate, any attempt."""
+    """After a successful finish, the same publish of the task id is refused, for any owner."""
     tid = new_id()
     admit(backend, tid)
     finish(backend, tid, succeeded=True)
-    assert admit(backend, tid).admission is Admission.DUPLICATE
-    assert admit(backend, tid, attempt=4).admission is Admission.DUPLICATE
+    assert admit(backend, tid, owner="o2").admission is Admission.DUPLICATE
+    assert admit(backend, tid, owner="o3").admission is Admission.DUPLICATE
+    assert backend.holds(tid, None, "o2") is False
+
+
+def test_completion_record_of_another_publish_does_not_block_a_new_publish(
+    backend: CoordinationBackend,
+) -> None:
+    """A new publish that reuses a completed task id runs; the completed publish does not."""
+    tid = new_id()
+    complete(backend, tid, publish="first")
+    second = admit(backend, tid, owner="o2", publish="second")
+    assert outcome(second) == (Admission.ADMITTED, 0, False)
+    finish(backend, tid, owner="o2", publish="second")
+    assert admit(backend, tid, owner="o3", publish="second").admission is Admission.DUPLICATE
+
+
+@pytest.mark.parametrize(
+    ("recorded", "later"),
+    [("p1", ""), ("", "p2"), ("", ""), ("1", "p2")],
+    ids=["delivery-without-publish-id", "record-without-publish-id", "both-without", "legacy"],
+)
+def test_record_or_delivery_without_publish_id_is_a_duplicate(
+    backend: CoordinationBackend, recorded: str, later: str
+) -> None:
+    """An empty publish, or a record of one (or '1', as older releases wrote), is DUPLICATE."""
+    tid = new_id()
+    complete(backend, tid, publish=recorded)
+    assert admit(backend, tid, owner="o2", publish=later).admission is Admission.DUPLICATE
 
 
 def test_failed_finish_leaves_no_completion_record(backend: CoordinationBackend) -> None:
@@ -81,110 +184,276 @@ def test_failed_finish_leaves_no_completion_record(backend: CoordinationBackend)
     tid = new_id()
     admit(backend, tid)
     finish(backend, tid, succeeded=False)
-    result = admit(backend, tid)
-    assert result.admission is Admission.ADMITTED
-    assert result.deliveries == 1
+    assert outcome(admit(backend, tid, owner="o2")) == (Admission.ADMITTED, 0, False)
+
+
+def test_completion_record_expires_with_record_ttl(backend: CoordinationBackend) -> None:
+    """The completion record lasts record_ttl seconds."""
+    tid = new_id()
+    admit(backend, tid)
+    finish(backend, tid, record_ttl=0.1)
+    assert admit(backend, tid, owner="o2").admission is Admission.DUPLICATE
+    time.sleep(0.2)
+    assert admit(backend, tid, owner="o3").admission is Admission.ADMITTED
+
+
+def test_duplicate_is_decided_before_a_running_body(backend: CoordinationBackend) -> None:
+    """A completed publish is DUPLICATE even while a later publish's body runs."""
+    tid = new_id()
+    complete(backend, tid, owner="a", publish="first")
+    admit(backend, tid, owner="b", publish="second")
+    assert admit(backend, tid, owner="c", publish="first").admission is Admission.DUPLICATE
+    running = admit(backend, tid, owner="c", publish="third")
+    assert (running.admission, running.holder) == (Admission.RUNNING, "b")
+
+
+# --- run leases: one body per task id -------------------------------------------------
+
+
+def test_other_owners_run_lease_answers_running_and_changes_nothing(
+    backend: CoordinationBackend,
+) -> None:
+    """While one owner's body runs, another delivery gets RUNNING and takes nothing."""
+    tid, key = new_id(), new_key()
+    admit(backend, tid, owner="a")
+    for _ in range(3):
+        running = admit(backend, tid, owner="b", lock_key=key, max_crashes=1)
+        assert outcome(running) == (Admission.RUNNING, 0, False)
+        assert running.holder == "a"
+        assert 25.0 < running.lease_remaining <= 30.0
+        assert running.fencing_token is None
+    assert backend.holds(tid, None, "a") is True
+    assert backend.holds(tid, None, "b") is False
+    assert admit(backend, new_id(), owner="x", lock_key=key).admission is Admission.ADMITTED
+    finish(backend, tid, owner="a", succeeded=False)
+    assert outcome(admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+
+def test_admit_again_by_the_same_owner_is_admitted_without_a_crash(
+    backend: CoordinationBackend,
+) -> None:
+    """Calling admit twice for one owner (a late retry of the call) admits it again, uncounted."""
+    tid, key = new_id(), new_key()
+    first = admit(backend, tid, owner="a", lock_key=key)
+    again = admit(backend, tid, owner="a", lock_key=key)
+    assert outcome(again) == (Admission.ADMITTED, 0, False)
+    assert first.fencing_token is not None
+    assert again.fencing_token is not None
+    assert again.fencing_token > first.fencing_token
+    assert backend.holds(tid, key, "a") is True
+    assert finish(backend, tid, owner="a", lock_key=key) is True
+
+
+def test_same_owner_after_its_run_lease_expired_is_not_counted_as_lost(
+    backend: CoordinationBackend,
+) -> None:
+    """A start mark of the owner itself is its own: re-admitting it counts no crash."""
+    tid = new_id()
+    lose(backend, tid, "a")
+    assert outcome(admit(backend, tid, owner="a")) == (Admission.ADMITTED, 0, False)
+
+
+def test_readmission_after_a_counted_crash_counts_it_once(backend: CoordinationBackend) -> None:
+    """The delivery that found a lost one and admits again does not count it a second time."""
+    tid = new_id()
+    lose(backend, tid, "dead")
+    assert outcome(admit(backend, tid, owner="b")) == (Admission.ADMITTED, 1, True)
+    again = admit(backend, tid, owner="b")
+    assert outcome(again) == (Admission.ADMITTED, 1, False)
+    assert again.deliveries == 2
+
+
+# --- adoptable owners: deliveries that gave up waiting --------------------------------
+
+
+def test_adoptable_owners_run_lease_is_adopted(backend: CoordinationBackend) -> None:
+    """A run lease left by an adoptable owner's late admission admits the new delivery."""
+    tid = new_id()
+    admit(backend, tid, owner="gave-up")
+    adopted = admit(backend, tid, owner="b", adoptable=("earlier", "gave-up"))
+    assert outcome(adopted) == (Admission.ADMITTED, 0, False)
+    assert backend.holds(tid, None, "b") is True
+    assert backend.holds(tid, None, "gave-up") is False
+
+
+def test_adoptable_owners_lock_lease_is_adopted(backend: CoordinationBackend) -> None:
+    """A lock lease of an adoptable owner is taken over with a larger fencing token."""
+    tid, key = new_id(), new_key()
+    left = admit(backend, tid, owner="gave-up", lock_key=key)
+    adopted = admit(backend, tid, owner="b", lock_key=key, adoptable=("gave-up",))
+    assert outcome(adopted) == (Admission.ADMITTED, 0, False)
+    assert left.fencing_token is not None
+    assert adopted.fencing_token is not None
+    assert adopted.fencing_token > left.fencing_token
+    assert backend.holds(tid, key, "b") is True
+    assert backend.holds(tid, key, "gave-up") is False
+
+
+def test_adoptable_owners_start_mark_is_not_counted_as_a_crash(
+    backend: CoordinationBackend,
+) -> None:
+    """An adoptable owner's expired delivery is this one's own, so no crash is counted."""
+    adopted_tid, other_tid = new_id(), new_id()
+    lose(backend, adopted_tid, "gave-up")
+    lose(backend, other_tid, "gave-up")
+    adopted = admit(backend, adopted_tid, owner="b", adoptable=("gave-up",))
+    assert outcome(adopted) == (Admission.ADMITTED, 0, False)
+    assert outcome(admit(backend, other_tid, owner="b")) == (Admission.ADMITTED, 1, True)
+
+
+def test_adoptable_does_not_adopt_other_owners(backend: CoordinationBackend) -> None:
+    """Only the named owners are adopted: another owner's body still answers RUNNING."""
+    tid = new_id()
+    admit(backend, tid, owner="x")
+    running = admit(backend, tid, owner="b", adoptable=("gave-up",))
+    assert (running.admission, running.holder) == (Admission.RUNNING, "x")
+
+
+# --- lost deliveries and the crash budget ---------------------------------------------
+
+
+def test_expired_run_lease_counts_the_delivery_as_lost(backend: CoordinationBackend) -> None:
+    """A delivery whose run lease expired before it finished is counted once as a crash."""
+    tid = new_id()
+    lose(backend, tid, "dead")
+    found = admit(backend, tid, owner="b")
+    assert outcome(found) == (Admission.ADMITTED, 1, True)
+    assert found.deliveries == 2
+
+
+def test_released_run_lease_counts_the_delivery_as_lost(backend: CoordinationBackend) -> None:
+    """release() frees a dead holder's leases but keeps its start mark: the next one counts it."""
+    tid, key = new_id(), new_key()
+    admit(backend, tid, owner="dead", lock_key=key)
+    assert backend.release(tid, key, "dead") is True
+    found = admit(backend, tid, owner="b", lock_key=key)
+    assert outcome(found) == (Admission.ADMITTED, 1, True)
+    assert found.fencing_token is not None
 
 
 def test_lost_deliveries_spend_the_crash_budget(backend: CoordinationBackend) -> None:
-    """Deliveries never finished count per attempt; past max_crashes the attempt is refused."""
+    """Each lost delivery counts once; at max_crashes the task id is refused."""
     tid = new_id()
-    seen = [admit(backend, tid, max_crashes=2) for _ in range(4)]
-    assert [r.admission for r in seen] == [
-        Admission.ADMITTED,
-        Admission.ADMITTED,
-        Admission.CRASH_BUDGET_SPENT,
-        Admission.CRASH_BUDGET_SPENT,
+    seen = []
+    for owner in ("d0", "d1"):
+        seen.append(outcome(admit(backend, tid, owner=owner, lease_ttl=SHORT_LEASE, max_crashes=2)))
+        wait_out_leases()
+    seen += [outcome(admit(backend, tid, owner=o, max_crashes=2)) for o in ("d2", "d3")]
+    assert seen == [
+        (Admission.ADMITTED, 0, False),
+        (Admission.ADMITTED, 1, True),
+        (Admission.CRASH_BUDGET_SPENT, 2, True),
+        (Admission.CRASH_BUDGET_SPENT, 2, False),
     ]
-    assert [r.deliveries for r in seen] == [1, 2, 3, 4]
-    assert admit(backend, tid, attempt=1, max_crashes=2).deliveries == 1
 
 
-def test_delivery_counter_expires_with_record_ttl(backend: CoordinationBackend) -> None:
-    """The delivery counter of an abandoned attempt does not live forever."""
+def test_spent_crash_budget_takes_no_lease(backend: CoordinationBackend) -> None:
+    """A delivery refused for the crash budget holds nothing, so it is never counted lost."""
     tid = new_id()
-    admit(backend, tid, record_ttl=0.05)
-    time.sleep(0.12)
-    assert admit(backend, tid).deliveries == 1
+    lose(backend, tid, "dead")
+    assert admit(backend, tid, owner="b", max_crashes=1).admission is Admission.CRASH_BUDGET_SPENT
+    assert backend.holds(tid, None, "b") is False
+    assert outcome(admit(backend, tid, owner="c", max_crashes=5)) == (Admission.ADMITTED, 1, False)
 
 
-def test_lock_is_exclusive_until_released_by_its_owner(backend: CoordinationBackend) -> None:
-    """A held lease refuses other owners; only the owner's finish releases it."""
-    key = f"k-{new_id()}"
-    first = admit(backend, new_id(), owner="a", lock_key=key, lease_ttl=30.0)
-    assert first.admission is Admission.ADMITTED
-    assert first.fencing_token is not None
-    other_tid = new_id()
-    held = admit(backend, other_tid, owner="b", lock_key=key, lease_ttl=30.0)
-    assert held.admission is Admission.LOCK_CONTENDED
-    assert 25.0 < held.lease_remaining <= 30.0
-    assert finish(backend, other_tid, owner="b", lock_key=key, succeeded=False) is False
-    assert admit(backend, new_id(), owner="c", lock_key=key).admission is Admission.LOCK_CONTENDED
-
-
-def test_contended_attempt_does_not_count_as_a_crash(backend: CoordinationBackend) -> None:
-    """An attempt refused by the lock ends in a retry, so its delivery is not counted."""
-    key = f"k-{new_id()}"
-    admit(backend, new_id(), owner="a", lock_key=key)
+def test_finished_body_clears_carried_losses(backend: CoordinationBackend) -> None:
+    """A body that ran to an end (even failing) resets the task's crash count."""
     tid = new_id()
-    for _ in range(5):
-        result = admit(backend, tid, owner="b", lock_key=key, max_crashes=1)
-        assert result.admission is Admission.LOCK_CONTENDED
+    lose(backend, tid, "dead")
+    assert admit(backend, tid, owner="b").crashes == 1
+    finish(backend, tid, owner="b", succeeded=False)
+    assert outcome(admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+
+def test_crash_count_expires_with_record_ttl(backend: CoordinationBackend) -> None:
+    """The crash count of an abandoned task id does not live forever."""
+    tid = new_id()
+    lose(backend, tid, "dead")
+    assert admit(backend, tid, owner="b", lease_ttl=0.1, record_ttl=0.2).crashes == 1
+    time.sleep(0.3)
+    assert outcome(admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+
+def test_crash_budget_is_decided_before_lock_contention(backend: CoordinationBackend) -> None:
+    """A lost delivery found while the lock is held elsewhere still spends the budget."""
+    tid, key = new_id(), new_key()
+    lose(backend, tid, "dead", lock_key=key)
+    admit(backend, new_id(), owner="x", lock_key=key)
+    spent = admit(backend, tid, owner="b", lock_key=key, max_crashes=1)
+    assert outcome(spent) == (Admission.CRASH_BUDGET_SPENT, 1, True)
 
 
 def test_lost_deliveries_carry_over_when_the_redelivery_is_contended(
     backend: CoordinationBackend,
 ) -> None:
-    """A crashed holder's redelivery that meets its own dead lease keeps its crash count."""
-    key = f"k-{new_id()}"
-    tid = new_id()
-    admit(backend, tid, owner="d1", lock_key=key, lease_ttl=0.2)  # runs, is lost
-    contended = admit(backend, tid, owner="d2", lock_key=key, lease_ttl=0.2)
-    assert contended.admission is Admission.LOCK_CONTENDED
-    time.sleep(0.3)  # the dead holder's lease expires; the retry (attempt 1) runs
-    retry = admit(backend, tid, attempt=1, owner="d3", lock_key=key, lease_ttl=0.2)
-    assert retry.admission is Admission.ADMITTED
-    assert (retry.deliveries, retry.lost, retry.crashes) == (1, 1, 1)
+    """A loss found by a contended delivery is kept and counted once."""
+    tid, key = new_id(), new_key()
+    lose(backend, tid, "dead", lock_key=key)
+    admit(backend, new_id(), owner="x", lock_key=key, lease_ttl=SHORT_LEASE)
+    contended = admit(backend, tid, owner="b", lock_key=key)
+    assert outcome(contended) == (Admission.LOCK_CONTENDED, 1, True)
+    wait_out_leases()
+    assert outcome(admit(backend, tid, owner="c", lock_key=key)) == (Admission.ADMITTED, 1, False)
 
 
-def test_carried_losses_spend_the_budget_of_a_locked_poison_task(
-    backend: CoordinationBackend,
-) -> None:
-    """Crash, contended redelivery, retry, crash: max_crashes=2 stops the second redelivery."""
+# --- lock leases and fencing tokens ---------------------------------------------------
+
+
+def test_lock_is_exclusive_until_released_by_its_owner(backend: CoordinationBackend) -> None:
+    """A held lock lease refuses other owners, naming the holder; only its owner frees it."""
     key = f"k-{new_id()}"
-    tid = new_id()
-    seen = []
-    for attempt in range(2):
-        for owner in ("run", "redelivery"):
-            result = admit(
-                backend,
-                tid,
-                attempt,
-                owner=f"{owner}{attempt}",
-                lock_key=key,
-                lease_ttl=0.1,
-                max_crashes=2,
-            )
-            seen.append(result.admission)
-        time.sleep(0.15)  # the dead holder's lease expires
-    assert seen == [
-        Admission.ADMITTED,
+    first_tid = new_id()
+    first = admit(backend, first_tid, owner="a", lock_key=key)
+    assert first.admission is Admission.ADMITTED
+    assert first.fencing_token is not None
+    other_tid = new_id()
+    held = admit(backend, other_tid, owner="b", lock_key=key)
+    assert (held.admission, held.holder, held.fencing_token) == (
         Admission.LOCK_CONTENDED,
-        Admission.ADMITTED,
-        Admission.CRASH_BUDGET_SPENT,
-    ]
+        "a",
+        None,
+    )
+    assert 25.0 < held.lease_remaining <= 30.0
+    assert finish(backend, other_tid, owner="b", lock_key=key, succeeded=False) is False
+    assert admit(backend, new_id(), owner="c", lock_key=key).admission is Admission.LOCK_CONTENDED
+    assert finish(backend, first_tid, owner="a", lock_key=key) is True
+    assert admit(backend, new_id(), owner="c", lock_key=key).admission is Admission.ADMITTED
 
 
-def test_finished_body_clears_carried_losses(backend: CoordinationBackend) -> None:
-    """A body that ran to an end (even failing) resets the task's crash history."""
-    key = f"k-{new_id()}"
-    tid = new_id()
-    admit(backend, tid, owner="a", lock_key=key, lease_ttl=0.1)
-    admit(backend, tid, owner="b", lock_key=key, lease_ttl=0.1)
-    time.sleep(0.15)
-    assert admit(backend, tid, attempt=1, owner="c", lock_key=key).lost == 1
-    finish(backend, tid, attempt=1, owner="c", lock_key=key, succeeded=False)
-    assert admit(backend, tid, attempt=2, owner="d", lock_key=key).lost == 0
+def test_contended_attempt_does_not_count_as_a_crash(backend: CoordinationBackend) -> None:
+    """A delivery refused by the lock leaves no start mark, so it is never counted lost."""
+    key, holder_tid, tid = new_key(), new_id(), new_id()
+    admit(backend, holder_tid, owner="a", lock_key=key)
+    for owner in ("b1", "b2", "b3"):
+        result = admit(backend, tid, owner=owner, lock_key=key, max_crashes=1)
+        assert outcome(result) == (Admission.LOCK_CONTENDED, 0, False)
+    assert backend.holds(tid, None, "b3") is False
+    finish(backend, holder_tid, owner="a", lock_key=key)
+    admitted = admit(backend, tid, owner="c", lock_key=key, max_crashes=1)
+    assert outcome(admitted) == (Admission.ADMITTED, 0, False)
+
+
+def test_contended_delivery_removes_its_own_run_lease(backend: CoordinationBackend) -> None:
+    """A delivery that meets the lock after taking its run lease gives the lease up uncounted."""
+    tid, key = run_lease_and_lock_elsewhere(backend, "b")
+    assert admit(backend, tid, owner="b", lock_key=key).admission is Admission.LOCK_CONTENDED
+    assert backend.holds(tid, None, "b") is False
+    assert outcome(admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+
+@pytest.mark.parametrize(
+    ("owner", "adoptable"), [("b", ()), ("b2", ("b",))], ids=["same-owner", "adoptable-owner"]
+)
+def test_contended_delivery_removes_its_own_start_mark(
+    backend: CoordinationBackend, owner: str, adoptable: tuple[str, ...]
+) -> None:
+    """A leftover start mark of this delivery's own is removed on contention, never counted."""
+    tid, key = new_id(), new_key()
+    lose(backend, tid, "b")
+    admit(backend, new_id(), owner="x", lock_key=key)
+    contended = admit(backend, tid, owner=owner, lock_key=key, adoptable=adoptable)
+    assert outcome(contended) == (Admission.LOCK_CONTENDED, 0, False)
+    assert outcome(admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
 
 
 def test_owner_release_frees_the_key_for_the_next_owner(backend: CoordinationBackend) -> None:
@@ -203,77 +472,14 @@ def test_owner_release_frees_the_key_for_the_next_owner(backend: CoordinationBac
 def test_fencing_tokens_strictly_increase_per_key(backend: CoordinationBackend) -> None:
     """Many acquisitions in a row get strictly increasing tokens."""
     key = f"k-{new_id()}"
-    tokens = []
+    tokens: list[int] = []
     for i in range(50):
         tid = new_id()
         result = admit(backend, tid, owner=f"o{i}", lock_key=key)
+        assert result.fencing_token is not None
         tokens.append(result.fencing_token)
         finish(backend, tid, owner=f"o{i}", lock_key=key)
     assert all(b > a for a, b in itertools.pairwise(tokens))
-
-
-def test_expired_lease_is_free_for_another_owner(backend: CoordinationBackend) -> None:
-    """A holder that stops renewing loses the key within one TTL."""
-    key = f"k-{new_id()}"
-    admit(backend, new_id(), owner="dead", lock_key=key, lease_ttl=0.1)
-    time.sleep(0.2)
-    assert admit(backend, new_id(), owner="b", lock_key=key).admission is Admission.ADMITTED
-    assert backend.renew(key, "dead", 30.0) is False
-
-
-def test_renew_extends_only_the_owners_lease(backend: CoordinationBackend) -> None:
-    """renew() keeps the owner's lease alive past its first TTL and refuses others."""
-    key = f"k-{new_id()}"
-    admit(backend, new_id(), owner="a", lock_key=key, lease_ttl=0.3)
-    for _ in range(4):
-        time.sleep(0.1)
-        assert backend.renew(key, "a", 0.3) is True
-    assert backend.renew(key, "b", 0.3) is False
-    contended = admit(backend, new_id(), owner="b", lock_key=key)
-    assert contended.admission is Admission.LOCK_CONTENDED
-
-
-def test_late_finish_of_a_lost_lease_does_not_release_the_new_owner(
-    backend: CoordinationBackend,
-) -> None:
-    """Compare-and-delete: an old owner finishing late leaves the new owner's lease."""
-    key = f"k-{new_id()}"
-    old = new_id()
-    admit(backend, old, owner="old", lock_key=key, lease_ttl=0.1)
-    time.sleep(0.2)
-    admit(backend, new_id(), owner="new", lock_key=key, lease_ttl=30.0)
-    assert finish(backend, old, owner="old", lock_key=key) is False
-    assert admit(backend, new_id(), owner="x", lock_key=key).admission is Admission.LOCK_CONTENDED
-
-
-def test_completion_record_expires_with_record_ttl(backend: CoordinationBackend) -> None:
-    """The completion record lasts record_ttl seconds."""
-    tid = new_id()
-    admit(backend, tid)
-    finish(backend, tid, record_ttl=0.1)
-    assert admit(backend, tid).admission is Admission.DUPLICATE
-    time.sleep(0.2)
-    assert admit(backend, tid).admission is Admission.ADMITTED
-
-
-def test_prefix_separates_namespaces(backend_url: str, key_prefix: str) -> None:
-    """Two prefixes on one store do not see each other's leases or records."""
-    pm = get_plugin_manager()
-    a, b = (
-        build_backend(
-            pm,
-            load_settings(
-                {"resilience_url": backend_url, "resilience_key_prefix": f"{key_prefix}:{ns}"},
-                environ={},
-            ),
-        )
-        for ns in "ab"
-    )
-    key = f"k-{new_id()}"
-    assert admit(a, new_id(), lock_key=key).admission is Admission.ADMITTED
-    assert admit(b, new_id(), lock_key=key).admission is Admission.ADMITTED
-    a.close()
-    b.close()
 
 
 def test_fencing_tokens_keep_increasing_after_the_counter_expired(
@@ -291,15 +497,127 @@ def test_fencing_tokens_keep_increasing_after_the_counter_expired(
     assert second.fencing_token > first.fencing_token
 
 
+def test_expired_lease_is_free_for_another_owner(backend: CoordinationBackend) -> None:
+    """A holder that stops renewing loses the key within one TTL."""
+    key, tid = new_key(), new_id()
+    lose(backend, tid, "dead", lock_key=key)
+    assert admit(backend, new_id(), owner="b", lock_key=key).admission is Admission.ADMITTED
+    assert backend.renew(tid, key, "dead", 30.0) is False
+
+
+# --- finish ---------------------------------------------------------------------------
+
+
+def test_finish_releases_only_the_owners_leases(backend: CoordinationBackend) -> None:
+    """Another owner's finish leaves the holder's run and lock leases in place."""
+    tid, key = new_id(), new_key()
+    admit(backend, tid, owner="a", lock_key=key)
+    assert finish(backend, tid, owner="b", lock_key=key, succeeded=False) is False
+    assert backend.holds(tid, key, "a") is True
+    assert admit(backend, tid, owner="c", lock_key=key).admission is Admission.RUNNING
+
+
+def test_finish_without_a_lock_returns_false_and_frees_the_run_lease(
+    backend: CoordinationBackend,
+) -> None:
+    """finish() with no lock key releases no lock lease; the next delivery runs uncounted."""
+    tid = new_id()
+    admit(backend, tid, owner="a")
+    assert finish(backend, tid, owner="a", succeeded=False) is False
+    assert backend.holds(tid, None, "a") is False
+    assert outcome(admit(backend, tid, owner="b")) == (Admission.ADMITTED, 0, False)
+
+
+def test_late_finish_of_a_lost_lease_does_not_release_the_new_owner(
+    backend: CoordinationBackend,
+) -> None:
+    """Compare-and-delete: an old owner finishing late leaves the new owner's leases."""
+    tid, key = new_id(), new_key()
+    lose(backend, tid, "old", lock_key=key)
+    assert admit(backend, tid, owner="new", lock_key=key).admission is Admission.ADMITTED
+    assert finish(backend, tid, owner="old", lock_key=key, succeeded=False) is False
+    assert backend.holds(tid, key, "new") is True
+    assert admit(backend, new_id(), owner="x", lock_key=key).admission is Admission.LOCK_CONTENDED
+
+
+def test_finish_twice_leaves_the_state_of_one_finish(backend: CoordinationBackend) -> None:
+    """A repeated finish releases nothing more and keeps the completion record."""
+    tid, key = new_id(), new_key()
+    admit(backend, tid, owner="a", lock_key=key)
+    assert finish(backend, tid, owner="a", lock_key=key) is True
+    assert finish(backend, tid, owner="a", lock_key=key) is False
+    assert admit(backend, tid, owner="b").admission is Admission.DUPLICATE
+    assert admit(backend, new_id(), owner="b", lock_key=key).admission is Admission.ADMITTED
+
+
+# --- release, renew, holds ------------------------------------------------------------
+
+
 def test_contended_admit_names_the_holder_and_release_is_owner_only(
     backend: CoordinationBackend,
 ) -> None:
     """A contended admit reports who holds the key; only that owner's release frees it."""
-    key = f"k-{new_id()}"
-    admit(backend, new_id(), owner="holder-1", lock_key=key)
+    key, tid = new_key(), new_id()
+    admit(backend, tid, owner="holder-1", lock_key=key)
     contended = admit(backend, new_id(), owner="other", lock_key=key)
     assert contended.holder == "holder-1"
-    assert backend.release(key, "other") is False
-    assert backend.release(key, "holder-1") is True
-    assert backend.release(key, "holder-1") is False
+    assert backend.release(tid, key, "other") is False
+    assert backend.holds(tid, key, "holder-1") is True
+    assert backend.release(tid, key, "holder-1") is True
+    assert backend.release(tid, key, "holder-1") is False
     assert admit(backend, new_id(), owner="next", lock_key=key).admission is Admission.ADMITTED
+
+
+def test_release_frees_the_run_lease_where_the_lock_is_another_owners(
+    backend: CoordinationBackend,
+) -> None:
+    """release() deletes each lease the owner holds and leaves the others' lock lease."""
+    tid, key = run_lease_and_lock_elsewhere(backend, "a")
+    assert backend.release(tid, key, "a") is True
+    assert backend.holds(tid, None, "a") is False
+    assert admit(backend, new_id(), owner="y", lock_key=key).holder == "x"
+
+
+def test_renew_extends_only_the_owners_lease(backend: CoordinationBackend) -> None:
+    """renew() keeps the owner's leases alive past their first TTL and refuses others."""
+    key, tid = new_key(), new_id()
+    admit(backend, tid, owner="a", lock_key=key, lease_ttl=0.3)
+    for _ in range(4):
+        time.sleep(0.1)
+        assert backend.renew(tid, key, "a", 0.3) is True
+    assert backend.renew(tid, key, "b", 0.3) is False
+    assert backend.holds(tid, key, "a") is True
+    assert admit(backend, tid, owner="b").admission is Admission.RUNNING
+    contended = admit(backend, new_id(), owner="b", lock_key=key)
+    assert contended.admission is Admission.LOCK_CONTENDED
+
+
+def test_renew_returns_false_once_the_run_lease_expired(backend: CoordinationBackend) -> None:
+    """A run lease that expired is lost: renew() says so and does not bring it back."""
+    tid = new_id()
+    lose(backend, tid, "a")
+    assert backend.renew(tid, None, "a", 30.0) is False
+    assert backend.holds(tid, None, "a") is False
+
+
+def test_renew_returns_false_when_the_lock_lease_is_another_owners(
+    backend: CoordinationBackend,
+) -> None:
+    """Holding the run lease is not enough: a lock lease held elsewhere makes renew() False."""
+    tid, key = run_lease_and_lock_elsewhere(backend, "a")
+    assert backend.renew(tid, None, "a", 30.0) is True
+    assert backend.renew(tid, key, "a", 30.0) is False
+
+
+def test_holds_tells_whether_the_owner_holds_every_lease(backend: CoordinationBackend) -> None:
+    """holds() is True for the admitted owner's run and lock leases, False otherwise."""
+    tid, key, other_key = new_id(), new_key(), new_key()
+    admit(backend, tid, owner="a", lock_key=key)
+    admit(backend, new_id(), owner="x", lock_key=other_key)
+    assert backend.holds(tid, key, "a") is True
+    assert backend.holds(tid, None, "a") is True
+    assert backend.holds(tid, key, "b") is False
+    assert backend.holds(tid, other_key, "a") is False
+    assert backend.holds(new_id(), None, "a") is False
+    finish(backend, tid, owner="a", lock_key=key)
+    assert backend.holds(tid, key, "a") is False
