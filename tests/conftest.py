@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.services import reachable_redis, unavailable
-from tests.support.workers import free_port
+from tests.support.redis_server import RedisServer
+from tests.support.services import reachable_redis
 
 REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -53,30 +49,15 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 def _private_redis(directory: Path, *options: str) -> Iterator[str]:
     """A redis-server of this test alone on a free loopback port, with ``options``;
     yields its URL (db 0, the full-permission default user)."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        unavailable("redis-server is not on PATH", "the test")
-    assert executable is not None
-    port = free_port()
-    server = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(directory), *options],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("private redis-server did not start")
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with RedisServer(directory, options=options).running() as server:
+        yield server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server of this test alone that it may pause, kill and restart."""
+    with RedisServer(tmp_path).running() as server:
+        yield server
 
 
 @pytest.fixture

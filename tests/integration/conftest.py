@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support import services
+from tests.support.redis_server import RedisServer
 
-from .harness import Cluster, RedisServer
+from .harness import Cluster
 
 REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP_URL = os.environ.get("CELERY_RESILIENCE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import Cluster, RedisServer
+from tests.support.redis_server import RedisServer
+
+from .harness import Cluster
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from celery_resilience import UnknownEntry
+from tests.support.redis_server import RedisServer
 
-from .harness import Cluster, RedisServer, wait_until
+from .harness import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
