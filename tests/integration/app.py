@@ -25,6 +25,7 @@ from kombu.utils import json as kombu_json
 from celery_resilience import Backoff, current_attempt, resilient
 from tests.support.apps import ProcessRedis, worker_settings
 from tests.support.recording import record_events_in_workers
+from tests.support.workers import redis_broker_options
 
 # Environment variables the workers are configured with.
 BROKER_URL = "CRT_BROKER_URL"
@@ -34,6 +35,8 @@ RESILIENCE_URL = "CRT_RESILIENCE_URL"
 DLQ_URL = "CRT_RESILIENCE_DLQ_URL"  # optional: the DLQ shares RESILIENCE_URL when unset
 QUEUE = "CRT_QUEUE"
 PREFIX = "CRT_PREFIX"
+VISIBILITY_TIMEOUT = "CRT_VISIBILITY_TIMEOUT"  # optional: the Redis broker's, in seconds
+SETTINGS = "CRT_SETTINGS"  # optional: a JSON object of Celery settings, applied last
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 
@@ -113,10 +116,17 @@ def create_app(env: Mapping[str, str]) -> Celery:
     if broker_url.startswith(("redis://", "rediss://")):
         # Queues, unacked hash and its index under this run's prefix only.
         app.conf.broker_transport_options = {"global_keyprefix": f"{prefix}:broker:"}
+        if env.get(VISIBILITY_TIMEOUT):
+            app.conf.broker_transport_options = redis_broker_options(
+                prefix, float(env[VISIBILITY_TIMEOUT]), fast_sweep=False
+            )
     else:
         # AMQP heartbeats put a short timer in the worker's event loop; without one the
         # loop sleeps up to 5 s between wake-ups and notices SIGTERM that late.
         app.conf.broker_heartbeat = 2
+
+    if env.get(SETTINGS):
+        app.conf.update(json.loads(env[SETTINGS]))
 
     record_events_in_workers(app, "integration-event-recorder", records.push_event)
 
@@ -210,6 +220,35 @@ def create_app(env: Mapping[str, str]) -> Celery:
         """Records its start and raises an error that is never retried."""
         records.client().rpush(records.key(tag, "starts"), os.getpid())
         raise ValueError(f"invalid input in {tag}")
+
+    def record_body(task: Any, tag: str, seconds: float) -> str:
+        """Record the body's start (``starts``), sleep ``seconds``, record its span
+        (``bodies``: task id, pid, retries, start and end times)."""
+        r = records.client()
+        started = time.time()
+        r.rpush(records.key(tag, "starts"), os.getpid())
+        time.sleep(seconds)
+        span = {
+            "id": task.request.id,
+            "pid": os.getpid(),
+            "retries": task.request.retries,
+            "start": started,
+            "end": time.time(),
+        }
+        r.rpush(records.key(tag, "bodies"), json.dumps(span))
+        return "recorded"
+
+    @resilient(backoff=QUICK_BACKOFF)
+    @app.task(bind=True, shared=False, name="crt.records_its_body")
+    def records_its_body(self: Any, tag: str, seconds: float) -> str:
+        """Takes no lock; records when its body starts and ends, ``seconds`` apart."""
+        return record_body(self, tag, seconds)
+
+    @resilient(lock="records:{tag}", max_retries=100, backoff=QUICK_BACKOFF)
+    @app.task(bind=True, shared=False, name="crt.locked_records_its_body")
+    def locked_records_its_body(self: Any, tag: str, seconds: float) -> str:
+        """Holds lock ``records:<tag>`` (the default lease length); records its body's span."""
+        return record_body(self, tag, seconds)
 
     return app
 

@@ -14,7 +14,7 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,7 +62,10 @@ class Cluster:
         broker_url: str | None = None,
         resilience_url: str | None = None,
         dlq_url: str | None = None,
+        visibility_timeout: float | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
+        """``settings``: Celery settings of the workers' app (JSON values), set last."""
         self.run_id = uuid.uuid4().hex[:12]
         self.prefix = f"crtest:{self.run_id}"
         self.redis_url = redis_url
@@ -82,9 +85,19 @@ class Cluster:
         }
         if dlq_url is not None:
             self.env[app_module.DLQ_URL] = dlq_url
+        if visibility_timeout is not None:
+            self.env[app_module.VISIBILITY_TIMEOUT] = str(visibility_timeout)
+        if settings:
+            self.env[app_module.SETTINGS] = json.dumps(dict(settings))
         self.app: Celery = create_app(self.env)
         self.records = Records(self.prefix, redis_url)
         self.redis = self.records.client()
+        # The broker's own Redis, where it is not the main one (a private server).
+        self.broker_redis: redis.Redis[str] = (
+            self.redis
+            if self.amqp or self.broker_url == redis_url
+            else redis.Redis.from_url(self.broker_url, decode_responses=True, socket_timeout=5)
+        )
         self.workers: list[WorkerNode] = []
         self._dlq: DeadLetterQueue | None = None
 
@@ -127,6 +140,7 @@ class Cluster:
             self._dlq.backend.close()
         workers.delete_keys(self.redis, f"{self.prefix}:*")
         self.redis.close()
+        self.broker_redis.close()
         self.records.client.close()
         if self.amqp:
             # An AMQP broker keeps the queue (and its exchange) after the workers left.
@@ -255,7 +269,7 @@ class Cluster:
         assert not self.amqp, "RabbitMQ does not show a client its unacked messages"
         broker = f"{self.prefix}:broker:"
         needle = json.dumps(task_id)
-        with self.redis.pipeline(transaction=True) as pipe:  # one snapshot of both
+        with self.broker_redis.pipeline(transaction=True) as pipe:  # one snapshot of both
             pipe.lrange(f"{broker}{self.queue}", 0, -1)
             pipe.hvals(f"{broker}unacked")
             queued, unacked = pipe.execute()
