@@ -40,6 +40,7 @@ REDIS_URL = "CHAOS_REDIS_URL"
 QUEUE = "CHAOS_QUEUE"
 VISIBILITY_TIMEOUT = "CHAOS_VISIBILITY_TIMEOUT"
 FAST_SWEEP = "CHAOS_FAST_SWEEP"  # "1": kombu's own restore sweep every second (kombu >= 5.7)
+RESILIENCE_URL = "CHAOS_RESILIENCE_URL"  # optional: the coordination Redis, if not REDIS_URL
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "chaos:unconfigured"
@@ -50,6 +51,8 @@ LOCK_TTL = 10.0
 # Contended tasks wait for up to 15 others on their key and for a killed node's
 # visibility timeout: retries are cheap and plenty.
 MAX_RETRIES = 400
+# A retry budget for failures, far below the number of tasks queued on one key.
+FEW_RETRIES = 3
 BACKOFF = Backoff(base=0.2, factor=2.0, cap=1.5, jitter="full")
 # How long a held body waits for the test's go-ahead at most.
 HELD_MAX_S = 120.0
@@ -182,9 +185,12 @@ def create_app(env: Mapping[str, str]) -> Celery:
         broker_transport_options=broker_options(env),
         result_backend=url,
         result_backend_transport_options={"global_keyprefix": f"{prefix}:result:"},
-        resilience_url=url,
+        resilience_url=env.get(RESILIENCE_URL) or url,
         resilience_visibility_heartbeat=True,
     )
+    if env.get(RESILIENCE_URL):
+        # Dead letters stay on the main Redis, so a coordination restart keeps them.
+        app.conf.resilience_dlq_url = url
     record_events_in_workers(app, "chaos-event-counter", records.count_event)
 
     def log(event: str, task: Any, **fields: Any) -> None:
@@ -206,6 +212,7 @@ def create_app(env: Mapping[str, str]) -> Celery:
             token=attempt.fencing_token,
             attempt=attempt.attempt,
             deliveries=attempt.deliveries,
+            retries=task.request.retries,
         )
         detector = OverlapDetector(records, lock)
         detector.enter(run, info)
@@ -233,6 +240,12 @@ def create_app(env: Mapping[str, str]) -> Celery:
     def held(self: Any, tag: str, seconds: float) -> float:
         """Holds lock ``held:<tag>`` until the test releases it, or ``seconds`` at most."""
         return body(self, f"held:{tag}", min(seconds, HELD_MAX_S), records.release(tag))
+
+    @resilient(lock="{key}", lock_ttl=LOCK_TTL, max_retries=FEW_RETRIES, backoff=BACKOFF)
+    @app.task(bind=True, shared=False, name="chaos.locked_few_retries")
+    def locked_few_retries(self: Any, key: str, seconds: float) -> float:
+        """``chaos.locked`` with a user's small retry budget (waiting is not failing)."""
+        return body(self, key, seconds, None)
 
     return app
 

@@ -93,7 +93,9 @@ class ChaosCluster:
         *,
         visibility_timeout: float,
         fast_sweep: bool = False,
+        resilience_url: str | None = None,
     ) -> None:
+        """``resilience_url``: a coordination Redis of its own (default: ``redis_url``)."""
         run = uuid.uuid4().hex[:10]
         self.label = label
         self.prefix = f"chaos:{run}"
@@ -109,6 +111,8 @@ class ChaosCluster:
             chaos_app.VISIBILITY_TIMEOUT: str(visibility_timeout),
             chaos_app.FAST_SWEEP: "1" if fast_sweep else "0",
         }
+        if resilience_url is not None:
+            self.env[chaos_app.RESILIENCE_URL] = resilience_url
         self.app = chaos_app.create_app(self.env)
         self.records = chaos_app.Records(self.prefix, redis_url)
         self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -280,16 +284,24 @@ def chaos_redis_url() -> str:
 def chaos_clusters(
     chaos_redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ChaosCluster]]:
-    """A factory of clusters (``label, visibility_timeout=, fast_sweep=``), all closed after."""
+    """A factory of clusters (``label, visibility_timeout=, fast_sweep=, resilience_url=``),
+    all closed after."""
     made: list[ChaosCluster] = []
 
-    def make(label: str, *, visibility_timeout: float, fast_sweep: bool = False) -> ChaosCluster:
+    def make(
+        label: str,
+        *,
+        visibility_timeout: float,
+        fast_sweep: bool = False,
+        resilience_url: str | None = None,
+    ) -> ChaosCluster:
         cluster = ChaosCluster(
             label,
             chaos_redis_url,
             tmp_path_factory.mktemp(f"chaos-{label}"),
             visibility_timeout=visibility_timeout,
             fast_sweep=fast_sweep,
+            resilience_url=resilience_url,
         )
         made.append(cluster)
         return cluster

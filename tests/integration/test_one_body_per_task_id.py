@@ -180,7 +180,7 @@ def test_a_broker_stall_under_the_visibility_timeout_never_runs_two_bodies_of_a_
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue #12: a timed-out admit runs on resume and strands a lease nobody owns",
+    reason="issue #12: a timed-out admit spends a retry; run late, it strands its lock's lease",
 )
 @pytest.mark.parametrize("task_name", ["crt.records_its_body", "crt.locked_records_its_body"])
 def test_a_task_whose_admit_outlived_a_coordination_stall_starts_soon_after_resume(
