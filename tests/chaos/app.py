@@ -41,6 +41,7 @@ QUEUE = "CHAOS_QUEUE"
 VISIBILITY_TIMEOUT = "CHAOS_VISIBILITY_TIMEOUT"
 FAST_SWEEP = "CHAOS_FAST_SWEEP"  # "1": kombu's own restore sweep every second (kombu >= 5.7)
 RESILIENCE_URL = "CHAOS_RESILIENCE_URL"  # optional: the coordination Redis, if not REDIS_URL
+SETTINGS = "CHAOS_SETTINGS"  # optional: a JSON object of Celery settings, applied last
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "chaos:unconfigured"
@@ -191,6 +192,8 @@ def create_app(env: Mapping[str, str]) -> Celery:
     if env.get(RESILIENCE_URL):
         # Dead letters stay on the main Redis, so a coordination restart keeps them.
         app.conf.resilience_dlq_url = url
+    if env.get(SETTINGS):
+        app.conf.update(json.loads(env[SETTINGS]))
     record_events_in_workers(app, "chaos-event-counter", records.count_event)
 
     def log(event: str, task: Any, **fields: Any) -> None:

@@ -94,8 +94,10 @@ class ChaosCluster:
         visibility_timeout: float,
         fast_sweep: bool = False,
         resilience_url: str | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
-        """``resilience_url``: a coordination Redis of its own (default: ``redis_url``)."""
+        """``resilience_url``: a coordination Redis of its own (default: ``redis_url``);
+        ``settings``: Celery settings of the workers' app (JSON values), set last."""
         run = uuid.uuid4().hex[:10]
         self.label = label
         self.prefix = f"chaos:{run}"
@@ -113,6 +115,8 @@ class ChaosCluster:
         }
         if resilience_url is not None:
             self.env[chaos_app.RESILIENCE_URL] = resilience_url
+        if settings:
+            self.env[chaos_app.SETTINGS] = json.dumps(settings)
         self.app = chaos_app.create_app(self.env)
         self.records = chaos_app.Records(self.prefix, redis_url)
         self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -284,8 +288,8 @@ def chaos_redis_url() -> str:
 def chaos_clusters(
     chaos_redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ChaosCluster]]:
-    """A factory of clusters (``label, visibility_timeout=, fast_sweep=, resilience_url=``),
-    all closed after."""
+    """A factory of clusters (``label, visibility_timeout=, fast_sweep=, resilience_url=,
+    settings=``), all closed after."""
     made: list[ChaosCluster] = []
 
     def make(
@@ -294,6 +298,7 @@ def chaos_clusters(
         visibility_timeout: float,
         fast_sweep: bool = False,
         resilience_url: str | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> ChaosCluster:
         cluster = ChaosCluster(
             label,
@@ -302,6 +307,7 @@ def chaos_clusters(
             visibility_timeout=visibility_timeout,
             fast_sweep=fast_sweep,
             resilience_url=resilience_url,
+            settings=settings,
         )
         made.append(cluster)
         return cluster
