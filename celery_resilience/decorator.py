@@ -135,7 +135,7 @@ def _attach_shared(proxy: Any, options: ResilientOptions) -> None:
         raise TypeError(f"@resilient cannot find the task behind {proxy!r}")
     name = scope.get("name")
     _check_lock(options, fun, name or fun.__qualname__)
-    _check_task_options(scope.get("options") or {}, name or fun.__qualname__)
+    _check_task_options(_shared_task_options(fun), name or fun.__qualname__)
 
     def apply_to(app: Any) -> None:
         task = app._tasks.get(name or app.gen_task_name(fun.__name__, fun.__module__))
@@ -155,6 +155,22 @@ def _attach_shared(proxy: Any, options: ResilientOptions) -> None:
 def _check_lock(options: ResilientOptions, fun: Callable[..., Any], task_name: str) -> None:
     if isinstance(options.lock, str):
         check_template(options.lock, fun, task_name)
+
+
+def _shared_task_options(fun: Callable[..., Any]) -> dict[str, Any]:
+    """The ``@shared_task(...)`` options of ``fun``, read before any app creates the task.
+
+    ``shared_task`` (Celery 5.3-5.7) registers ``lambda app: app._task_from_fun(fun,
+    **options)`` with ``connect_on_app_finalize``; its closure is the only place the
+    options are kept. Empty if it cannot be found.
+    """
+    for callback in list(getattr(celery_state, "_on_app_finalizers", ())):
+        cells = getattr(callback, "__closure__", None) or ()
+        scope = dict(zip(callback.__code__.co_freevars, cells, strict=True))
+        if "fun" in scope and "options" in scope and scope["fun"].cell_contents is fun:
+            found = scope["options"].cell_contents
+            return dict(found) if isinstance(found, dict) else {}
+    return {}
 
 
 def _check_task_options(task_options: dict[str, Any], task_name: str) -> None:

@@ -30,7 +30,9 @@ def make_app(**conf: object) -> Celery:
         "resilience_url": f"memory://{uuid.uuid4().hex[:6]}",
         "broker_transport_options": {"visibility_timeout": 60},
     }
-    app.conf.update({**defaults, **conf})
+    # A None value leaves the setting out (``del app.conf[key]`` does not remove a
+    # changed key on Celery < 5.7).
+    app.conf.update({k: v for k, v in {**defaults, **conf}.items() if v is not None})
 
     @resilient(lock="k:{x}", backoff=Backoff(cap=600))
     @app.task(shared=False)
@@ -114,9 +116,7 @@ def test_recovery_on_rabbitmq_names_what_bounds_it() -> None:
 
 def test_rabbitmq_without_resilience_url_is_an_error_with_the_fix() -> None:
     """memory:// by default would guard nothing across processes; explicit memory:// passes."""
-    app = make_app(broker_url=AMQP_URL)
-    del app.conf["resilience_url"]
-    (finding,) = diagnose(app)
+    (finding,) = diagnose(make_app(broker_url=AMQP_URL, resilience_url=None))
     assert finding.setting == "resilience_url"
     assert "'amqp://guest:**@127.0.0.1:5672//', not Redis" in finding.problem
     assert "a worker refuses to start" in finding.problem
