@@ -53,10 +53,11 @@ def make_ops(prefix: str) -> dict[str, Op]:
 
     def resilience(i: int) -> None:
         tid = uuid.uuid4().hex
-        got = backend.admit(tid, 0, owner=tid, lock_key=f"k{i}", lease_ttl=30.0,
+        got = backend.admit(tid, owner=tid, publish=tid, lock_key=f"k{i}", lease_ttl=30.0,
                             max_crashes=3, record_ttl=60.0)  # fmt: skip
         assert got.fencing_token is not None
-        backend.finish(tid, 0, owner=tid, lock_key=f"k{i}", succeeded=True, record_ttl=60.0)
+        backend.finish(tid, owner=tid, publish=tid, lock_key=f"k{i}", succeeded=True,
+                       record_ttl=60.0)  # fmt: skip
 
     def redis_lock(i: int) -> None:
         lock = redis.lock.Lock(r, f"{prefix}:rl:{i}", timeout=30.0)

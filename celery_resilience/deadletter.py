@@ -17,11 +17,6 @@ from typing import Any
 from celery_resilience.errors import ResilienceError
 from celery_resilience.outcome import GiveUp
 
-# Message headers the gate reads and writes to carry a task's history across
-# retries and replays (Celery merges custom headers into the request).
-REPLAYS_HEADER = "resilience_replays"
-FIRST_FAILURE_HEADER = "resilience_first_failure"
-
 
 class MalformedEntry(ResilienceError):
     """A stored dead letter could not be decoded; the message names the entry."""

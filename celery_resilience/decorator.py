@@ -14,6 +14,7 @@ from celery.local import PromiseProxy, Proxy
 from celery_resilience.backoff import Backoff
 from celery_resilience.errors import ConfigurationError
 from celery_resilience.gate import Gate
+from celery_resilience.headers import stamping
 from celery_resilience.locks import LockSpec, check_template
 from celery_resilience.options import ResilientOptions
 from celery_resilience.runtime import install
@@ -32,6 +33,7 @@ def resilient(
     max_retries: int | None = None,
     lock: LockSpec | None = None,
     lock_ttl: float | None = None,
+    lock_timeout: float | None = None,
     dlq: bool = True,
     retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
     backoff: Backoff | None = None,
@@ -45,6 +47,7 @@ def resilient(
     max_retries: int | None = None,
     lock: LockSpec | None = None,
     lock_ttl: float | None = None,
+    lock_timeout: float | None = None,
     dlq: bool = True,
     retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
     backoff: Backoff | None = None,
@@ -57,8 +60,11 @@ def resilient(
     :param lock: a template over the task's parameters (``"upload:{repoid}"``) or a
         callable ``(args, kwargs) -> str``; the body runs only while holding a lease
         on the rendered key.
-    :param lock_ttl: lease length in seconds, renewed while the body runs; default
-        ``resilience_lock_ttl`` (30).
+    :param lock_ttl: lease length in seconds (the lock's and the task id's run lease),
+        renewed while the body runs; default ``resilience_lock_ttl`` (30).
+    :param lock_timeout: seconds a task may wait for its lock, counted from its first
+        contended delivery, before it gives up as ``lock_contended``; waiting spends
+        no retries. Default ``resilience_lock_timeout`` (3600).
     :param dlq: whether a task that gives up is kept in the dead-letter queue.
     :param retry_on: exception classes retried with ``backoff``; others are terminal.
     :param backoff: delays between retries; default ``Backoff()``.
@@ -75,6 +81,7 @@ def resilient(
         max_retries=max_retries,
         lock=lock,
         lock_ttl=lock_ttl,
+        lock_timeout=lock_timeout,
         dlq=dlq,
         retry_on=retry_on if isinstance(retry_on, tuple) else (retry_on,),
         backoff=backoff if backoff is not None else Backoff(),
@@ -210,7 +217,8 @@ def make_resilient(task: Any, options: ResilientOptions) -> None:
     """Put the gate around ``task``'s body and set its per-task delivery options. Idempotent.
 
     Sets ``acks_late`` and ``reject_on_worker_lost`` on this task only: the crash
-    budget makes redelivery after a lost worker safe.
+    budget makes redelivery after a lost worker safe. Its ``apply_async`` stamps each
+    publish with a publish id (see ``celery_resilience.headers``).
     """
     cls = type(task)
     if isinstance(cls.__dict__.get("run"), staticmethod) and isinstance(
@@ -240,6 +248,8 @@ def make_resilient(task: Any, options: ResilientOptions) -> None:
         cls.max_retries = options.max_retries
     gate = Gate(task, options, body)
     cls.run = staticmethod(gate)
+    if not getattr(cls.apply_async, "__resilience_stamping__", False):
+        cls.apply_async = stamping(cls.apply_async)
     cls.after_return = _after_return(gate, cls.after_return)
     cls.__resilience__ = options
     install(task.app, validate=False)

@@ -10,8 +10,9 @@ from typing import Any
 
 from celery.result import AsyncResult
 
+from celery_resilience import headers
 from celery_resilience.backends.base import DeadLetterBackend, Page
-from celery_resilience.deadletter import FIRST_FAILURE_HEADER, REPLAYS_HEADER, DeadLetter
+from celery_resilience.deadletter import DeadLetter
 from celery_resilience.errors import ResilienceError
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
@@ -245,11 +246,11 @@ def _routing(entry: DeadLetter) -> dict[str, Any]:
 
 
 def _publish(app: Any, task: Any, entry: DeadLetter) -> None:
-    headers = {REPLAYS_HEADER: entry.replays + 1, FIRST_FAILURE_HEADER: entry.first_failure_at}
+    history = {headers.REPLAYS: entry.replays + 1, headers.FIRST_FAILURE: entry.first_failure_at}
     routing = _routing(entry)
     if entry.body is None:
         task.apply_async(
-            entry.args or [], entry.kwargs or {}, task_id=entry.task_id, headers=headers, **routing
+            entry.args or [], entry.kwargs or {}, task_id=entry.task_id, headers=history, **routing
         )
         return
     # Arguments JSON could not show: republish the stored body byte for byte,
@@ -279,7 +280,7 @@ def _publish(app: Any, task: Any, entry: DeadLetter) -> None:
             entry.body.payload(),
             exchange=exchange,
             routing_key=routing_key,
-            headers={**message.headers, **headers},
+            headers={**message.headers, **history},
             content_type=entry.body.content_type,
             content_encoding=entry.body.content_encoding,
             declare=declare,

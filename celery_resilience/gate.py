@@ -1,8 +1,12 @@
 """The gate: what runs around a resilient task's body on every delivery.
 
 Order, the same on the first run, each retry and each redelivery: completion record,
-crash budget, lock, body, give-up. The first three are one atomic backend call
-(``admit``) before the body; closing the delivery is one call (``finish``) after it.
+run lease, crash budget, lock, body, give-up. The first four are one atomic backend
+call (``admit``) before the body; closing the delivery is one call (``finish``) after
+it. A delivery that may not run now (its task id running elsewhere, its lock held,
+the coordination backend unreachable) is *postponed*: the same message is published
+again with a countdown (same task id, same ``retries``) and this one is acked, so
+waiting spends neither retries nor the crash budget.
 """
 
 from __future__ import annotations
@@ -11,15 +15,16 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any, NoReturn
 
 from celery import states
 from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 
+from celery_resilience import headers
 from celery_resilience.attempt import Attempt, _current
 from celery_resilience.backends.base import Admission, AdmitResult
-from celery_resilience.deadletter import FIRST_FAILURE_HEADER, REPLAYS_HEADER, make_dead_letter
+from celery_resilience.backoff import Backoff
+from celery_resilience.deadletter import make_dead_letter
 from celery_resilience.errors import BackendUnavailable, CrashBudgetExceeded, LockContended
 from celery_resilience.leases import keeper
 from celery_resilience.locks import LockKey
@@ -31,9 +36,23 @@ from celery_resilience.runtime import Runtime, runtime
 
 logger = logging.getLogger(__name__)
 
-# After retries are spent while the coordination backend is down, the message is
-# requeued; this pause keeps a worker from spinning on it.
+# When a dead letter cannot be stored (or a postponement cannot be published) the
+# message is requeued; this pause keeps a worker from spinning on it.
 _REQUEUE_PAUSE = 5.0
+# Postponements while the coordination backend is unreachable, after a delivery
+# retried its admission in-process for one lease TTL.
+_OUTAGE_BACKOFF = Backoff(base=1.0, factor=2.0, cap=30.0, jitter="equal")
+# Postponements of a copy whose task id is running elsewhere.
+_RUNNING_BACKOFF = Backoff(base=0.5, factor=2.0, cap=30.0, jitter="equal")
+# Owners of deliveries that gave up on the backend, carried to the next message.
+_MAX_ADOPTABLE = 4
+
+
+class _Postponed(Exception):
+    """Eager mode only: wait ``countdown`` seconds, then run the delivery again."""
+
+    def __init__(self, countdown: float) -> None:
+        self.countdown = countdown
 
 
 class Delivery:
@@ -56,12 +75,23 @@ class Delivery:
             task.max_retries = self.max_retries
         self.max_crashes = self.options.max_crashes or settings.max_crashes
         self.lease_ttl = self.options.lock_ttl or settings.lock_ttl
+        self.lock_timeout = self.options.lock_timeout or settings.lock_timeout
         self.owner = new_owner(request.hostname or "", self.task_id)
         self.lock_key: str | None = None
         self.deliveries = 0
-        self.replays = int(_header(request, REPLAYS_HEADER) or 0)
-        first = _header(request, FIRST_FAILURE_HEADER)
+        self.replays = int(headers.read(request, headers.REPLAYS) or 0)
+        first = headers.read(request, headers.FIRST_FAILURE)
         self.first_failure: float | None = float(first) if first is not None else None
+        self.publish = str(headers.read(request, headers.PUBLISH) or "")
+        self.waits = int(headers.read(request, headers.WAITS) or 0)
+        since = headers.read(request, headers.LOCK_SINCE)
+        self.lock_since: float | None = float(since) if since is not None else None
+        adoptable = headers.read(request, headers.ADOPTABLE)
+        self.adoptable: tuple[str, ...] = (
+            tuple(a for a in adoptable if isinstance(a, str))
+            if isinstance(adoptable, (list, tuple))
+            else ()
+        )
 
     # -- the steps -------------------------------------------------------
 
@@ -71,16 +101,22 @@ class Delivery:
                 self.lock_key = self.gate.lock.render(self.args, self.kwargs)
             except Exception as exc:
                 self.give_up("error", exc)
+        while True:
+            try:
+                return self.run_once()
+            except _Postponed as later:
+                time.sleep(later.countdown)
+
+    def run_once(self) -> Any:
         try:
-            admitted = first = self.admit()
-            if admitted.holder is not None and self.free_dead_holder(admitted.holder):
+            admitted = self.admit()
+            held = admitted.admission in (Admission.RUNNING, Admission.LOCK_CONTENDED)
+            if held and admitted.holder is not None and self.free_dead_holder(admitted.holder):
                 admitted = self.admit()
         except BackendUnavailable as exc:
             self.backend_down(exc)
-        # After freeing a dead holder the second admit counts from 1 again (the
-        # lost deliveries are carried); the first one saw the true count.
-        self.deliveries = max(first.deliveries, admitted.deliveries)
-        if self.deliveries > 1:
+        self.deliveries = admitted.deliveries
+        if admitted.lost_predecessor:
             self.emit(
                 "resilience_redelivery_seen", attempt=self.attempt, deliveries=self.deliveries
             )
@@ -104,36 +140,72 @@ class Delivery:
                     "not running it again"
                 ),
             )
+        if admitted.admission is Admission.RUNNING:
+            self.running_elsewhere(admitted)
         return self.contended(admitted)
 
     def admit(self) -> AdmitResult:
-        return self.rt.backend.admit(
-            self.task_id,
-            self.attempt,
-            owner=self.owner,
-            lock_key=self.lock_key,
-            lease_ttl=self.lease_ttl,
-            max_crashes=self.max_crashes,
-            record_ttl=self.rt.settings.completion_ttl,
-        )
+        """Admit this delivery, retrying in-process while the backend does not answer.
+
+        The retries reuse this delivery's owner, so an earlier call that timed out but
+        ran late on the server is recognised as this delivery's own. After one lease
+        TTL of failures (by then any such late lease has expired) the error is raised.
+        """
+        deadline = time.monotonic() + self.lease_ttl
+        pause = 0.1
+        while True:
+            try:
+                return self.rt.backend.admit(
+                    self.task_id,
+                    owner=self.owner,
+                    publish=self.publish,
+                    lock_key=self.lock_key,
+                    lease_ttl=self.lease_ttl,
+                    max_crashes=self.max_crashes,
+                    record_ttl=self.rt.settings.completion_ttl,
+                    adoptable=self.adoptable,
+                )
+            except BackendUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.task.request.is_eager:
+                    raise
+                logger.warning(
+                    "celery-resilience: task %s[%s] waits for its coordination backend: %s",
+                    self.task.name,
+                    self.task_id,
+                    exc,
+                )
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 2.0)
 
     def free_dead_holder(self, holder: str) -> bool:
-        """Release a lease whose holder is provably dead (see ``owners``); True if freed.
+        """Release the leases of a holder that is provably dead (see ``owners``).
 
-        A child killed on this machine leaves its lease behind; its task's
-        redelivery would otherwise wait out the whole TTL.
+        A child killed on this machine leaves its run and lock leases behind; its
+        task's redelivery would otherwise wait out the whole TTL. Returns True if freed.
         """
-        assert self.lock_key is not None
-        if not holder_is_dead(holder) or not self.rt.backend.release(self.lock_key, holder):
+        if not holder_is_dead(holder):
+            return False
+        if not self.rt.backend.release(self.task_id, self.lock_key, holder):
             return False
         logger.warning(
-            "celery-resilience: released lock %r of dead holder %s for task %s[%s]",
-            self.lock_key,
+            "celery-resilience: released the leases of dead holder %s for task %s[%s]",
             holder,
             self.task.name,
             self.task_id,
         )
         return True
+
+    def running_elsewhere(self, admitted: AdmitResult) -> NoReturn:
+        """Another delivery of this task id runs its body: wait for it to end."""
+        logger.info(
+            "celery-resilience: task %s[%s] is running elsewhere (%s); postponed",
+            self.task.name,
+            self.task_id,
+            admitted.holder,
+        )
+        delay = min(admitted.lease_remaining, _RUNNING_BACKOFF.delay(self.waits))
+        self.postpone("running", max(delay, 0.1))
 
     def contended(self, admitted: AdmitResult) -> NoReturn:
         assert self.lock_key is not None
@@ -142,16 +214,28 @@ class Delivery:
             lock_key=self.lock_key,
             lease_remaining=admitted.lease_remaining,
         )
-        exc = LockContended(
-            f"lock {self.lock_key!r} of task {self.task.name}[{self.task_id}] is held by "
-            f"another attempt for {admitted.lease_remaining:.1f} s more"
-        )
-        if self.attempt >= self.max_retries:
-            self.give_up("lock_contended", exc)
-        delay = min(admitted.lease_remaining, self.options.backoff.delay(self.attempt))
-        self.retry("lock_contended", delay, exc)
+        now = time.time()
+        since = self.lock_since if self.lock_since is not None else now
+        if now - since >= self.lock_timeout:
+            self.give_up(
+                "lock_contended",
+                LockContended(
+                    f"lock {self.lock_key!r} of task {self.task.name}[{self.task_id}] was "
+                    f"held by others for {now - since:.1f} s (lock_timeout="
+                    f"{self.lock_timeout:g} s); it is held for {admitted.lease_remaining:.1f} "
+                    "s more"
+                ),
+            )
+        self.lock_since = since
+        delay = min(admitted.lease_remaining, self.options.backoff.delay(self.waits))
+        self.postpone("lock_contended", delay)
 
     def run_body(self, admitted: AdmitResult) -> Any:
+        backend, owner = self.rt.backend, self.owner
+
+        def holds() -> bool:
+            return backend.holds(self.task_id, self.lock_key, owner)
+
         attempt = Attempt(
             task_name=self.task.name,
             task_id=self.task_id,
@@ -159,15 +243,12 @@ class Delivery:
             deliveries=self.deliveries,
             lock_key=self.lock_key,
             fencing_token=admitted.fencing_token,
+            owner=owner,
+            _holds=holds,
         )
         token = _current.set(attempt)
-        renewing = (
-            keeper.hold(self.rt.backend, self.lock_key, self.owner, self.lease_ttl, attempt)
-            if self.lock_key is not None
-            else nullcontext()
-        )
         try:
-            with renewing:
+            with keeper.hold(backend, self.task_id, self.lock_key, owner, self.lease_ttl, attempt):
                 value = self.gate.body(*self.args, **self.kwargs)
         except Retry as retry:
             # The body called self.retry(): Celery already published the retry.
@@ -185,7 +266,7 @@ class Delivery:
             spent = retryable or isinstance(exc, MaxRetriesExceededError)
             self.give_up("max_retries" if spent else "error", exc)
         except BaseException:
-            # SystemExit / KeyboardInterrupt: the worker is going away; free the lock.
+            # SystemExit / KeyboardInterrupt: the worker is going away; free the leases.
             self.finish(succeeded=False)
             raise
         finally:
@@ -201,8 +282,8 @@ class Delivery:
         try:
             self.rt.backend.finish(
                 self.task_id,
-                self.attempt,
                 owner=self.owner,
+                publish=self.publish,
                 lock_key=self.lock_key,
                 succeeded=succeeded,
                 record_ttl=self.rt.settings.completion_ttl,
@@ -210,7 +291,7 @@ class Delivery:
         except BackendUnavailable as exc:
             logger.error(
                 "celery-resilience: task %s[%s] ran but its delivery could not be closed "
-                "(its lease expires by itself): %s",
+                "(its leases expire by themselves): %s",
                 self.task.name,
                 self.task_id,
                 exc,
@@ -218,16 +299,22 @@ class Delivery:
 
     # -- outcomes --------------------------------------------------------
 
+    def history(self) -> dict[str, Any]:
+        """The headers every message of this task carries on (retries, postponements)."""
+        carried: dict[str, Any] = {
+            headers.REPLAYS: self.replays,
+            headers.FIRST_FAILURE: self.first_failure or time.time(),
+        }
+        if self.publish:
+            carried[headers.PUBLISH] = self.publish
+        return carried
+
     def retry(self, reason: str, countdown: float, exc: BaseException) -> NoReturn:
         """Publish the next attempt after ``countdown`` seconds and end this one."""
         countdown = self.rt.cap_countdown(countdown)
-        history = {
-            REPLAYS_HEADER: self.replays,
-            FIRST_FAILURE_HEADER: self.first_failure or time.time(),
-        }
         try:
             self.task.retry(
-                exc=exc, countdown=countdown, max_retries=self.max_retries, headers=history
+                exc=exc, countdown=countdown, max_retries=self.max_retries, headers=self.history()
             )
         except Retry:
             self.emit_retry(reason, countdown)
@@ -244,6 +331,45 @@ class Delivery:
             )
             raise Reject(error, requeue=True) from error
         raise AssertionError("Task.retry() returned instead of raising")  # pragma: no cover
+
+    def postpone(self, reason: str, countdown: float) -> NoReturn:
+        """Deliver this same attempt again after ``countdown`` seconds; ack this message.
+
+        The new message has the same task id, ``retries``, routing, links and
+        history, so no budget is spent. Eager mode waits and runs again in-process.
+        If it cannot be published, this message is requeued instead.
+        """
+        countdown = self.rt.cap_countdown(countdown)
+        self.waits += 1
+        self.emit_retry(reason, countdown)
+        request = self.task.request
+        if request.is_eager:
+            raise _Postponed(countdown)
+        carried = {**self.history(), headers.WAITS: self.waits}
+        if self.lock_since is not None:
+            carried[headers.LOCK_SINCE] = self.lock_since
+        if self.adoptable:
+            carried[headers.ADOPTABLE] = list(self.adoptable)
+        again = self.task.signature_from_request(
+            request,
+            list(self.args),
+            dict(self.kwargs),
+            countdown=countdown,
+            retries=self.attempt,
+            headers={**(request.headers or {}), **carried},
+        )
+        try:
+            again.apply_async()
+        except Exception as error:
+            logger.error(
+                "celery-resilience: task %s[%s] could not be postponed (%r); requeueing",
+                self.task.name,
+                self.task_id,
+                error,
+            )
+            time.sleep(_REQUEUE_PAUSE)
+            raise Reject(error, requeue=True) from error
+        raise Ignore()
 
     def give_up(self, reason: str, exc: BaseException) -> NoReturn:
         """End the task for good: keep it in the DLQ, tell the plugins, fail with ``exc``.
@@ -297,14 +423,17 @@ class Delivery:
         )
 
     def backend_down(self, exc: BackendUnavailable) -> NoReturn:
-        """Never run unguarded: retry later, or requeue once retries are spent."""
+        """Never run unguarded, never spend a budget on an outage: postpone.
+
+        The next message may adopt whatever this delivery's late admission took.
+        """
         logger.error(
             "celery-resilience: task %s[%s] not run: %s", self.task.name, self.task_id, exc
         )
-        if self.attempt < self.max_retries:
-            self.retry("backend_unavailable", self.options.backoff.delay(self.attempt), exc)
-        time.sleep(_REQUEUE_PAUSE)
-        raise Reject(exc, requeue=True)
+        if self.task.request.is_eager:
+            raise exc
+        self.adoptable = (*self.adoptable, self.owner)[-_MAX_ADOPTABLE:]
+        self.postpone("backend_unavailable", _OUTAGE_BACKOFF.delay(min(self.waits, 10)))
 
     def emit_retry(self, reason: str, countdown: float) -> None:
         self.emit(
@@ -313,15 +442,6 @@ class Delivery:
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         notify(self.rt.plugins, hook, task_name=self.task.name, task_id=self.task_id, **kwargs)
-
-
-def _header(request: Any, name: str) -> Any:
-    """A custom message header: Celery merges them into the request in a worker and
-    keeps them under ``request.headers`` in eager mode."""
-    value = getattr(request, name, None)
-    if value is None:
-        value = (getattr(request, "headers", None) or {}).get(name)
-    return value
 
 
 def _countdown(retry: Retry) -> float:

@@ -56,12 +56,18 @@ def resilience_dlq_backend(url: str, settings: Settings) -> DeadLetterBackend | 
 def resilience_retry_scheduled(
     task_name: str, task_id: str, attempt: int, reason: str, countdown: float
 ) -> None:
-    """A retry of a resilient task was published and will run after ``countdown`` seconds.
+    """A retry or a postponement of a resilient task was published; it runs after
+    ``countdown`` seconds.
 
-    :param attempt: the attempt that is retrying (0 for the first run).
-    :param reason: ``exception`` (a ``retry_on`` error), ``lock_contended``,
-        ``requested`` (the body called ``self.retry``) or ``backend_unavailable``.
-    :param countdown: seconds until the retry may run (``None``-free; 0 when immediate).
+    A retry is the next attempt (``retries + 1``, spends ``max_retries``); a
+    postponement delivers the same attempt again and spends nothing.
+
+    :param attempt: the attempt that is retrying or postponed (0 for the first run).
+    :param reason: retries: ``exception`` (a ``retry_on`` error), ``requested`` (the
+        body called ``self.retry``); postponements: ``lock_contended`` (its lock is
+        held), ``running`` (its task id is running elsewhere), ``backend_unavailable``
+        (the coordination backend did not answer for one lease TTL).
+    :param countdown: seconds until it may run (``None``-free; 0 when immediate).
     """
 
 
@@ -69,7 +75,9 @@ def resilience_retry_scheduled(
 def resilience_lock_contended(
     task_name: str, task_id: str, lock_key: str, lease_remaining: float
 ) -> None:
-    """An attempt did not run its body because another owner held ``lock_key``.
+    """A delivery did not run its body because another owner held ``lock_key``.
+
+    It is postponed, or gives up with ``lock_contended`` once it waited ``lock_timeout``.
 
     :param lease_remaining: seconds until the holder's lease expires unless renewed.
     """
@@ -77,9 +85,11 @@ def resilience_lock_contended(
 
 @hookspec
 def resilience_redelivery_seen(task_name: str, task_id: str, attempt: int, deliveries: int) -> None:
-    """The same attempt of a task arrived again: an earlier delivery was lost.
+    """A task arrived again after its previous delivery was provably lost (its run
+    lease expired, or its holder died, before it finished).
 
-    :param deliveries: deliveries of this attempt so far, this one included (>= 2).
+    :param deliveries: deliveries of the task since a body last ran to an end, this
+        one and the lost ones included (>= 2).
     """
 
 
@@ -87,7 +97,7 @@ def resilience_redelivery_seen(task_name: str, task_id: str, attempt: int, deliv
 def resilience_crash_budget_spent(
     task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
 ) -> None:
-    """An attempt was lost with its worker ``max_crashes`` times and is not run again.
+    """The task was lost with its worker ``max_crashes`` times and is not run again.
 
     The task then gives up with reason ``worker_lost``
     (``resilience_task_gave_up`` follows).
@@ -96,7 +106,7 @@ def resilience_crash_budget_spent(
 
 @hookspec
 def resilience_duplicate_suppressed(task_name: str, task_id: str) -> None:
-    """A delivery of a task id that already succeeded was acked without running."""
+    """A copy of a publish that already succeeded was acked without running."""
 
 
 @hookspec

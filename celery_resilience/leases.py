@@ -1,4 +1,4 @@
-"""Keeps the leases of running bodies alive: one renewal thread per process."""
+"""Keeps the run and lock leases of running bodies alive: one renewal thread per process."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Lease:
     backend: CoordinationBackend
-    key: str
+    task_id: str
+    lock_key: str | None
     owner: str
     ttl: float
     attempt: Attempt
@@ -29,11 +30,14 @@ class _Lease:
 
 
 class LeaseKeeper:
-    """Renews every held lease each ``ttl / 3`` seconds until its body finishes.
+    """Renews every running body's leases each ``ttl / 3`` seconds until it finishes.
 
-    A renewal that finds the lease gone marks the attempt ``lease_lost`` and logs a
-    warning; a backend error is logged and retried at the next interval, so a
-    holder that keeps failing to renew loses its lease after one TTL, as a dead one.
+    One renewal covers the run lease of the task id and the lock lease, if any. A body
+    shorter than ``ttl / 3`` costs no round trip. A renewal that finds a lease gone
+    marks the attempt ``lease_lost`` and logs a warning (so ``lease_lost`` lags: it
+    turns True at the first renewal after the loss, never before); a backend error
+    is logged and retried at the next interval, so a holder that keeps failing to
+    renew loses its lease after one TTL, as a dead one.
     The thread starts on first use and again in a forked child (prefork pool).
     """
 
@@ -51,15 +55,21 @@ class LeaseKeeper:
 
     @contextmanager
     def hold(
-        self, backend: CoordinationBackend, key: str, owner: str, ttl: float, attempt: Attempt
+        self,
+        backend: CoordinationBackend,
+        task_id: str,
+        lock_key: str | None,
+        owner: str,
+        ttl: float,
+        attempt: Attempt,
     ) -> Iterator[None]:
-        """Renew the lease on ``key`` held by ``owner`` while the ``with`` block runs."""
+        """Renew ``owner``'s leases of ``task_id`` (and ``lock_key``) while the block runs."""
         if self._pid != os.getpid():
             self._setup()
         lease_id = next(self._ids)
         due = time.monotonic() + ttl / 3
         with self._cond:
-            self._leases[lease_id] = _Lease(backend, key, owner, ttl, attempt, due)
+            self._leases[lease_id] = _Lease(backend, task_id, lock_key, owner, ttl, attempt, due)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="celery-resilience-leases", daemon=True
@@ -91,24 +101,30 @@ class LeaseKeeper:
 
     def _renew(self, lease_id: int, lease: _Lease) -> None:
         lease.due = time.monotonic() + lease.ttl / 3
+        what = _leases_of(lease)
         try:
-            renewed = lease.backend.renew(lease.key, lease.owner, lease.ttl)
+            renewed = lease.backend.renew(lease.task_id, lease.lock_key, lease.owner, lease.ttl)
         except BackendUnavailable as exc:
-            logger.error("celery-resilience: could not renew lease %r: %s", lease.key, exc)
+            logger.error("celery-resilience: could not renew %s: %s", what, exc)
             return
         except Exception:
-            logger.exception("celery-resilience: could not renew lease %r", lease.key)
+            logger.exception("celery-resilience: could not renew %s", what)
             return
         if not renewed:
             lease.attempt.lease_lost = True
             logger.warning(
-                "celery-resilience: task %s[%s] lost its lease on %r: another attempt may run",
+                "celery-resilience: task %s[%s] lost %s: another attempt may run",
                 lease.attempt.task_name,
                 lease.attempt.task_id,
-                lease.key,
+                what,
             )
             with self._cond:
                 self._leases.pop(lease_id, None)
+
+
+def _leases_of(lease: _Lease) -> str:
+    run = f"the run lease of {lease.task_id}"
+    return run if lease.lock_key is None else f"{run} or the lock lease on {lease.lock_key!r}"
 
 
 keeper = LeaseKeeper()

@@ -16,6 +16,7 @@ class ResilientOptions:
     max_retries: int | None = None
     lock: LockSpec | None = None
     lock_ttl: float | None = None
+    lock_timeout: float | None = None
     dlq: bool = True
     retry_on: tuple[type[BaseException], ...] = ()
     backoff: Backoff = field(default_factory=Backoff)
@@ -29,12 +30,8 @@ class ResilientOptions:
                 f"@resilient lock={self.lock!r}: expected a template string such as "
                 "'upload:{repoid}' or a callable (args, kwargs) -> str"
             )
-        if self.lock_ttl is not None and (
-            isinstance(self.lock_ttl, bool)
-            or not isinstance(self.lock_ttl, (int, float))
-            or self.lock_ttl <= 0
-        ):
-            raise ConfigurationError(f"@resilient lock_ttl={self.lock_ttl!r}: expected seconds > 0")
+        _check_seconds("lock_ttl", self.lock_ttl)
+        _check_seconds("lock_timeout", self.lock_timeout)
         if not isinstance(self.dlq, bool):
             raise ConfigurationError(f"@resilient dlq={self.dlq!r}: expected True or False")
         if not all(isinstance(e, type) and issubclass(e, BaseException) for e in self.retry_on):
@@ -52,3 +49,10 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"@resilient {name}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"@resilient {name}={value!r}: expected seconds > 0")

@@ -24,6 +24,7 @@ class Settings:
     max_retries: int = 10
     max_crashes: int = 3
     lock_ttl: float = 30.0
+    lock_timeout: float = 3600.0
     completion_ttl: float = 3600.0
     dlq_retention: float = 7 * 86400.0
     dlq_max_entries: int = 10_000
@@ -112,6 +113,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "max_retries": _as_int(0),
     "max_crashes": _as_int(1),
     "lock_ttl": _as_seconds,
+    "lock_timeout": _as_seconds,
     "completion_ttl": _as_seconds,
     "dlq_retention": _as_seconds,
     "dlq_max_entries": _as_int(1),

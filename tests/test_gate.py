@@ -7,6 +7,7 @@ tests/integration.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from celery import Celery, Task
+from celery import _state as celery_state
 
 from celery_resilience import (
     Backoff,
@@ -21,11 +23,13 @@ from celery_resilience import (
     LockContended,
     NoCurrentAttempt,
     current_attempt,
+    headers,
     resilient,
 )
 from celery_resilience.backends.base import Admission
 from celery_resilience.runtime import runtime
 from tests.recorder import Recorder, recording
+from tests.support.admissions import hold, holder_of, lost_deliveries
 
 FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
 
@@ -109,47 +113,41 @@ def test_error_outside_retry_on_is_terminal(app: Celery, events: Recorder) -> No
     assert [e["outcome"].reason for e in events.of("task_gave_up")] == ["error"]
 
 
-def test_contended_lock_never_runs_the_body_and_counts_against_retries(
+def test_contended_lock_never_runs_the_body_and_waits_without_spending_retries(
     app: Celery, events: Recorder
 ) -> None:
-    """Held by another owner: each attempt retries, then gives up with LockContended."""
+    """Held by another owner: the task waits (no retries spent) until lock_timeout."""
     ran: list[int] = []
 
-    @resilient(max_retries=2, lock="upload:{repoid}", backoff=FAST)
+    @resilient(max_retries=0, lock="upload:{repoid}", lock_timeout=0.2, backoff=FAST)
     @app.task(shared=False)
     def upload(repoid: int) -> None:
         ran.append(repoid)
 
-    backend = runtime(app).backend
-    other = backend.admit(
-        "other", 0, owner="other", lock_key="upload:1", lease_ttl=30, max_crashes=3, record_ttl=60
-    )
-    assert other.admission is Admission.ADMITTED
-    with pytest.raises(LockContended, match="upload:1"):
+    assert hold(app, "other", "other", "upload:1").admission is Admission.ADMITTED
+    with pytest.raises(LockContended, match=r"upload:1.*lock_timeout=0.2 s"):
         upload.delay(1).get()
     assert ran == []
-    assert len(events.of("lock_contended")) == 3
-    assert [r["reason"] for r in events.of("retry_scheduled")] == ["lock_contended"] * 2
+    waits = len(events.of("lock_contended"))
+    assert waits >= 3  # with max_retries=0 it still waited
+    assert [r["reason"] for r in events.of("retry_scheduled")] == ["lock_contended"] * (waits - 1)
     assert [e["outcome"].reason for e in events.of("task_gave_up")] == ["lock_contended"]
     upload.delay(2).get()
     assert ran == [2]
 
 
-def test_contended_retry_waits_the_shorter_of_lease_and_backoff(
+def test_contended_task_waits_the_shorter_of_lease_and_backoff_then_runs(
     app: Celery, events: Recorder
 ) -> None:
-    """The countdown after contention is min(remaining lease, backoff)."""
+    """The wait after contention is min(remaining lease, backoff); then the body runs."""
 
-    @resilient(max_retries=1, lock="k:{x}", backoff=Backoff(base=100, jitter="none"))
+    @resilient(max_retries=0, lock="k:{x}", backoff=Backoff(base=100, jitter="none"))
     @app.task(shared=False)
-    def locked(x: int) -> None:
-        pass
+    def locked(x: int) -> str:
+        return "ran"
 
-    runtime(app).backend.admit(
-        "other", 0, owner="o", lock_key="k:1", lease_ttl=0.5, max_crashes=3, record_ttl=60
-    )
-    with pytest.raises(LockContended):
-        locked.delay(1).get()
+    hold(app, "other", "o", "k:1", ttl=0.5)
+    assert locked.delay(1).get() == "ran"
     (first, *_) = events.of("retry_scheduled")
     assert 0 < first["countdown"] <= 0.5
 
@@ -158,7 +156,6 @@ def test_lock_is_checked_on_every_delivery_not_only_the_first(app: Celery) -> No
     """The origin bug: a retry must re-check the lock, and wait for it when it is held."""
     from celery_resilience import get_plugin_manager, hookimpl
 
-    backend = runtime(app).backend
     ran: list[int] = []
 
     class Intruder:
@@ -167,17 +164,11 @@ def test_lock_is_checked_on_every_delivery_not_only_the_first(app: Celery) -> No
         @hookimpl
         def resilience_retry_scheduled(self, reason: str) -> None:
             if reason == "exception":
-                backend.admit(
-                    "intruder",
-                    0,
-                    owner="i",
-                    lock_key="k:1",
-                    lease_ttl=30,
-                    max_crashes=3,
-                    record_ttl=60,
-                )
+                hold(app, "intruder", "i", "k:1")
 
-    @resilient(max_retries=3, lock="k:{x}", retry_on=(ConnectionError,), backoff=FAST)
+    @resilient(
+        max_retries=3, lock="k:{x}", lock_timeout=0.1, retry_on=(ConnectionError,), backoff=FAST
+    )
     @app.task(bind=True, shared=False)
     def retried(self: Task, x: int) -> None:
         ran.append(self.request.retries)
@@ -194,7 +185,7 @@ def test_lock_is_checked_on_every_delivery_not_only_the_first(app: Celery) -> No
 
 
 def test_redelivered_succeeded_task_is_suppressed_not_rerun(app: Celery, events: Recorder) -> None:
-    """A second delivery of a task id that succeeded is acked without running."""
+    """A second delivery of a publish that succeeded is acked without running."""
     runs: list[int] = []
 
     @resilient()
@@ -204,11 +195,28 @@ def test_redelivered_succeeded_task_is_suppressed_not_rerun(app: Celery, events:
         return x
 
     task_id = uuid.uuid4().hex
-    assert once.apply_async((1,), task_id=task_id).get() == 1
-    again = once.apply_async((1,), task_id=task_id)
+    same = {headers.PUBLISH: "publish-1"}  # a redelivered copy carries its publish id
+    assert once.apply_async((1,), task_id=task_id, headers=same).get() == 1
+    again = once.apply_async((1,), task_id=task_id, headers=same)
     assert again.state == "IGNORED"
     assert runs == [1]
     assert [e["task_id"] for e in events.of("duplicate_suppressed")] == [task_id]
+
+
+def test_new_publish_reusing_a_succeeded_task_id_runs_again(app: Celery) -> None:
+    """apply_async with a task id that already succeeded is a new publish: it runs."""
+    runs: list[int] = []
+
+    @resilient()
+    @app.task(shared=False)
+    def republished(x: int) -> int:
+        runs.append(x)
+        return x
+
+    task_id = uuid.uuid4().hex
+    assert republished.apply_async((1,), task_id=task_id).get() == 1
+    assert republished.apply_async((2,), task_id=task_id).get() == 2
+    assert runs == [1, 2]
 
 
 def test_attempt_lost_max_crashes_times_is_not_run_again(app: Celery, events: Recorder) -> None:
@@ -221,11 +229,7 @@ def test_attempt_lost_max_crashes_times_is_not_run_again(app: Celery, events: Re
         runs.append(1)
 
     task_id = uuid.uuid4().hex
-    backend = runtime(app).backend
-    for _ in range(2):  # two deliveries that were lost with their worker
-        backend.admit(
-            task_id, 0, owner="dead", lock_key=None, lease_ttl=30, max_crashes=2, record_ttl=60
-        )
+    lost_deliveries(app, task_id, 2)
     result = poison.apply_async(task_id=task_id)
     assert result.state == "FAILURE"
     with pytest.raises(CrashBudgetExceeded, match="lost with its worker 2 times"):
@@ -245,9 +249,7 @@ def test_one_lost_delivery_reruns_and_is_reported(app: Celery, events: Recorder)
         return f"deliveries={current_attempt().deliveries}"
 
     task_id = uuid.uuid4().hex
-    runtime(app).backend.admit(
-        task_id, 0, owner="dead", lock_key=None, lease_ttl=30, max_crashes=3, record_ttl=60
-    )
+    lost_deliveries(app, task_id, 1)
     assert survivor.apply_async(task_id=task_id).get() == "deliveries=2"
     assert [e["deliveries"] for e in events.of("redelivery_seen")] == [2]
 
@@ -298,7 +300,6 @@ def test_users_own_retry_is_honoured_and_counted(app: Celery, events: Recorder) 
 
 def test_lease_is_renewed_while_a_long_body_runs(app: Celery) -> None:
     """A body running several TTLs keeps its key; another owner is refused meanwhile."""
-    backend = runtime(app).backend
     started = threading.Event()
     contended: list[Admission] = []
 
@@ -313,15 +314,7 @@ def test_lease_is_renewed_while_a_long_body_runs(app: Celery) -> None:
         started.wait(5)
         for _ in range(4):
             time.sleep(0.25)
-            result = backend.admit(
-                uuid.uuid4().hex,
-                0,
-                owner="probe",
-                lock_key="long:1",
-                lease_ttl=5,
-                max_crashes=3,
-                record_ttl=60,
-            )
+            result = hold(app, uuid.uuid4().hex, "probe", "long:1", ttl=5)
             contended.append(result.admission)
 
     thread = threading.Thread(target=probe)
@@ -366,9 +359,7 @@ def test_direct_call_runs_the_body_without_the_gate(app: Celery) -> None:
     def direct(x: int) -> int:
         return x * 3
 
-    runtime(app).backend.admit(
-        "o", 0, owner="o", lock_key="d:1", lease_ttl=30, max_crashes=3, record_ttl=60
-    )
+    hold(app, "o", "o", "d:1")
     assert direct(1) == 3
 
 
@@ -421,9 +412,7 @@ def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: Re
     code = "from celery_resilience.owners import new_owner; print(new_owner('n', 't'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     dead = done.stdout.strip()
-    runtime(app).backend.admit(
-        "dead-task", 0, owner=dead, lock_key="d:1", lease_ttl=30, max_crashes=3, record_ttl=60
-    )
+    hold(app, "dead-task", dead, "d:1")
 
     @resilient(max_retries=0, lock="d:{x}")
     @app.task(shared=False)
@@ -437,11 +426,9 @@ def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: Re
 def test_lock_of_a_live_holder_is_never_overtaken(app: Celery) -> None:
     """A holder whose process is alive keeps its lease: the task gives up contended."""
     owner = __import__("celery_resilience.owners", fromlist=["new_owner"]).new_owner("n", "t")
-    runtime(app).backend.admit(
-        "live-task", 0, owner=owner, lock_key="l:1", lease_ttl=30, max_crashes=3, record_ttl=60
-    )
+    hold(app, "live-task", owner, "l:1")
 
-    @resilient(max_retries=0, lock="l:{x}")
+    @resilient(max_retries=0, lock="l:{x}", lock_timeout=0.05, backoff=FAST)
     @app.task(shared=False)
     def guarded(x: int) -> None: ...
 
@@ -459,10 +446,7 @@ def test_redelivery_is_reported_when_the_dead_holder_was_itself(
     code = "from celery_resilience.owners import new_owner; print(new_owner('n', 't'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     task_id = uuid.uuid4().hex
-    runtime(app).backend.admit(
-        task_id, 0, owner=done.stdout.strip(), lock_key="r:1", lease_ttl=30, max_crashes=3,
-        record_ttl=60,
-    )  # fmt: skip
+    hold(app, task_id, done.stdout.strip(), "r:1")
 
     @resilient(lock="r:{x}")
     @app.task(shared=False)
@@ -471,3 +455,71 @@ def test_redelivery_is_reported_when_the_dead_holder_was_itself(
 
     assert again.apply_async((1,), task_id=task_id).get() == 2
     assert [e["deliveries"] for e in events.of("redelivery_seen")] == [2]
+
+
+def _overlapping(spans: list[tuple[float, float]]) -> int:
+    """How many of the (start, end) spans began before an earlier one ended."""
+    ordered = sorted(spans)
+    return sum(1 for a, b in itertools.pairwise(ordered) if b[0] < a[1])
+
+
+@pytest.mark.parametrize(("copies", "same_publish"), [(2, True), (4, True), (3, False)])
+def test_one_body_per_task_id_at_a_time_without_a_lock(
+    app: Celery, events: Recorder, copies: int, same_publish: bool
+) -> None:
+    """Concurrent deliveries of one task id never overlap: copies of a publish are then
+    suppressed, other publishes of the id run after it. No dead letters."""
+    spans: list[tuple[float, float]] = []
+    app.finalize()  # bind the task before threads use it (Task.bind is not thread-safe)
+
+    @resilient(max_retries=0, max_crashes=1)
+    @app.task(shared=False)
+    def body() -> str:
+        started = time.monotonic()
+        time.sleep(0.3)
+        spans.append((started, time.monotonic()))
+        return "done"
+
+    task_id = uuid.uuid4().hex
+    states: list[str] = []
+
+    def deliver(n: int) -> None:
+        publish = {headers.PUBLISH: "p" if same_publish else f"p{n}"}
+        states.append(body.apply_async(task_id=task_id, headers=publish).state)
+
+    threads = [threading.Thread(target=deliver, args=(n,)) for n in range(copies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # Task.apply saves and restores a process-global "join would block" flag
+    # (celery.result.denied_join_result); eager calls from threads interleave and can
+    # leave it set, which would fail later .get() calls of other tests.
+    celery_state._set_task_join_will_block(False)
+    assert _overlapping(spans) == 0
+    assert len(spans) == (1 if same_publish else copies)
+    assert sorted(states) == sorted(
+        ["SUCCESS"] + ["IGNORED" if same_publish else "SUCCESS"] * (copies - 1)
+    )
+    assert events.of("task_gave_up") == []
+    assert {r["reason"] for r in events.of("retry_scheduled")} == {"running"}
+    assert events.of("crash_budget_spent") == []
+
+
+def test_still_holds_asks_the_backend_and_marks_a_lost_lease(app: Celery) -> None:
+    """current_attempt().still_holds() is True while held, False (and lease_lost) once not."""
+    seen: list[tuple[bool, bool]] = []
+    task_id = uuid.uuid4().hex
+
+    @resilient(lock="h:{x}")
+    @app.task(shared=False)
+    def careful(x: int) -> None:
+        attempt = current_attempt()
+        seen.append((attempt.still_holds(), attempt.lease_lost))
+        # our leases go (as after a long pause) and another owner takes the lock
+        runtime(app).backend.release(task_id, "h:1", holder_of(app, task_id))
+        hold(app, "thief", "thief", "h:1")
+        seen.append((attempt.still_holds(), attempt.lease_lost))
+
+    careful.apply_async((1,), task_id=task_id).get()
+    assert seen == [(True, False), (False, True)]

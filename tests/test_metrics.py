@@ -46,8 +46,8 @@ from celery_resilience.exporters.prometheus import (
     PrometheusExporter,
     require_prometheus_client,
 )
-from celery_resilience.runtime import runtime
 from tests.recorder import recording
+from tests.support.admissions import hold, lost_deliveries
 
 # tests/test_gate.py registers shared tasks with one name from several test functions;
 # every app finalized after it (app.tasks, as the DLQ gauge and replay use) warns.
@@ -145,20 +145,13 @@ def flaky_task(app: Celery, fails: int) -> Any:
 
 def hold_lock(app: Celery, key: str) -> None:
     """Take the lease on ``key`` as another worker would, for 30 s."""
-    held = runtime(app).backend.admit(
-        uuid.uuid4().hex, 0, owner=ELSEWHERE, lock_key=key, lease_ttl=30.0,
-        max_crashes=3, record_ttl=60.0,
-    )  # fmt: skip
+    held = hold(app, uuid.uuid4().hex, ELSEWHERE, key)
     assert held.fencing_token, "the lease was not taken"
 
 
 def lose_delivery(app: Celery, task_id: str, times: int = 1) -> None:
-    """Leave what a worker killed mid-task leaves: a delivery admitted and never closed."""
-    for _ in range(times):
-        runtime(app).backend.admit(
-            task_id, 0, owner=ELSEWHERE, lock_key=None, lease_ttl=30.0,
-            max_crashes=10, record_ttl=60.0,
-        )  # fmt: skip
+    """Leave what a worker killed mid-task leaves: a delivery started and never closed."""
+    lost_deliveries(app, task_id, times)
 
 
 # -- the built-in plugins -------------------------------------------------------
@@ -227,10 +220,11 @@ def test_retries_are_counted_by_task_and_reason(app: Celery, registry: Collector
 def test_lock_contention_counts_attempts_and_observes_each_wait(
     app: Celery, registry: CollectorRegistry
 ) -> None:
-    """Each contended attempt counts; each lock_contended retry's countdown is observed."""
+    """Each contended delivery counts; each lock_contended wait's countdown is observed."""
     hold_lock(app, "res:1")
 
-    @resilient(max_retries=2, lock="res:{n}", backoff=LOCK_BACKOFF)
+    # waits 0.5 s, then 1 s; found held 1.5 s after the first try, past lock_timeout
+    @resilient(max_retries=0, lock="res:{n}", lock_timeout=1.2, backoff=LOCK_BACKOFF)
     @app.task(shared=False, name="m.locked")
     def locked(n: int) -> None: ...
 
@@ -527,7 +521,7 @@ def test_otel_instruments_count_the_same_events(app: Celery, otel: OtelCapture) 
     assert flaky_task(app, fails=2).delay().get() == 2
     hold_lock(app, "res:1")
 
-    @resilient(max_retries=2, lock="res:{n}", backoff=LOCK_BACKOFF)
+    @resilient(max_retries=0, lock="res:{n}", lock_timeout=1.2, backoff=LOCK_BACKOFF)
     @app.task(shared=False, name="m.locked")
     def locked(n: int) -> None: ...
 
@@ -588,7 +582,7 @@ def test_span_events_tell_the_task_span_what_happened(app: Celery, otel: OtelCap
     """Retry scheduled, lock contended, redelivery seen and dead-lettered are span events."""
     hold_lock(app, "res:1")
 
-    @resilient(max_retries=1, lock="res:{n}", backoff=LOCK_BACKOFF)
+    @resilient(max_retries=0, lock="res:{n}", lock_timeout=0.4, backoff=LOCK_BACKOFF)
     @app.task(shared=False, name="m.locked")
     def locked(n: int) -> None: ...
 
@@ -609,8 +603,8 @@ def test_span_events_tell_the_task_span_what_happened(app: Celery, otel: OtelCap
          {"celery_resilience.lock_key": "res:1",
           "celery_resilience.lease_remaining": pytest.approx(30, abs=1)}),
         ("celery_resilience.dead_lettered",
-         {"celery_resilience.reason": "lock_contended", "celery_resilience.attempts": 2,
-          "celery_resilience.deliveries": 1,
+         {"celery_resilience.reason": "lock_contended", "celery_resilience.attempts": 1,
+          "celery_resilience.deliveries": 2,
           "celery_resilience.exception_type": "celery_resilience.errors.LockContended"}),
     ]  # fmt: skip
 

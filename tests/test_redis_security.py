@@ -69,22 +69,28 @@ def _exercise(backend: RedisCoordinationBackend) -> None:
     backend.ping()
     lock = f"upload:{secrets.token_hex(4)}"
     first = backend.admit(
-        "task-1", 0, owner="a", lock_key=lock, lease_ttl=30, max_crashes=3, record_ttl=60
-    )
+        "task-1", owner="a", publish="p1", lock_key=lock, lease_ttl=30, max_crashes=3,
+        record_ttl=60,
+    )  # fmt: skip
     assert first.admission is Admission.ADMITTED
     assert first.fencing_token is not None
+    assert backend.holds("task-1", lock, "a") is True
     contended = backend.admit(
-        "task-2", 0, owner="b", lock_key=lock, lease_ttl=30, max_crashes=3, record_ttl=60
-    )
+        "task-2", owner="b", publish="p2", lock_key=lock, lease_ttl=30, max_crashes=3,
+        record_ttl=60,
+    )  # fmt: skip
     assert contended.admission is Admission.LOCK_CONTENDED
     assert contended.lease_remaining > 0
-    assert backend.renew(lock, "a", 30) is True
-    assert (
-        backend.finish("task-1", 0, owner="a", lock_key=lock, succeeded=True, record_ttl=60) is True
+    assert backend.renew("task-1", lock, "a", 30) is True
+    finished = backend.finish(
+        "task-1", owner="a", publish="p1", lock_key=lock, succeeded=True, record_ttl=60
     )
+    assert finished is True
+    assert backend.release("task-1", lock, "a") is False
     again = backend.admit(
-        "task-1", 0, owner="a", lock_key=lock, lease_ttl=30, max_crashes=3, record_ttl=60
-    )
+        "task-1", owner="a", publish="p1", lock_key=lock, lease_ttl=30, max_crashes=3,
+        record_ttl=60,
+    )  # fmt: skip
     assert again.admission is Admission.DUPLICATE
 
 

@@ -14,50 +14,56 @@ class Admission(enum.Enum):
     """What ``CoordinationBackend.admit`` decided about one delivery."""
 
     ADMITTED = "admitted"
-    """Run the body: the delivery was counted and the lease (if any) is held."""
+    """Run the body: the run lease (and the lock lease, if any) is held by the owner."""
     DUPLICATE = "duplicate"
-    """The task id already completed successfully: do not run it again."""
+    """This publish of the task id already completed successfully: do not run it again."""
     CRASH_BUDGET_SPENT = "crash_budget_spent"
-    """Too many earlier deliveries of this attempt were lost: do not run it again."""
+    """Too many earlier deliveries were provably lost: do not run it again."""
     LOCK_CONTENDED = "lock_contended"
-    """Another owner holds the lease: do not run the body now."""
+    """Another owner holds the lock lease: do not run the body now."""
+    RUNNING = "running"
+    """Another owner holds the run lease of this task id (its body is running): do not
+    run a second body now."""
 
 
 @dataclass(frozen=True)
 class AdmitResult:
     """The answer of ``CoordinationBackend.admit``.
 
-    ``deliveries`` counts deliveries of this task id and attempt including this one
-    (0 for a duplicate; more than 1 means earlier ones were lost). ``lost`` counts
-    deliveries lost in earlier attempts whose redelivery ended contended, carried
-    over so that the crash budget spans them. ``fencing_token`` is set when a lease
-    was taken. ``lease_remaining`` is, for a contended lease, the seconds until it
-    expires.
+    ``crashes`` counts the deliveries of this task id provably lost (their run lease
+    expired, or was freed because its holder died) since a body of it last ran to an
+    end, the one found by this call included (0 for ``DUPLICATE`` and ``RUNNING``,
+    which decide before reading it). ``fencing_token`` is set when a lock
+    lease was taken. For ``LOCK_CONTENDED`` and ``RUNNING``, ``lease_remaining`` is
+    the seconds until the blocking lease expires and ``holder`` its owner string.
+    ``lost_predecessor`` is True when this call found the delivery before it lost
+    (and counted it in ``crashes``).
     """
 
     admission: Admission
-    deliveries: int = 0
+    crashes: int = 0
     fencing_token: int | None = None
     lease_remaining: float = 0.0
-    lost: int = 0
     holder: str | None = None
-    """For a contended lease, the owner string of its holder."""
+    lost_predecessor: bool = False
 
     @property
-    def crashes(self) -> int:
-        """Deliveries of this task lost with their worker before this one."""
-        return self.deliveries - 1 + self.lost
+    def deliveries(self) -> int:
+        """Deliveries of this task id that reached admission: this one and the lost ones."""
+        return self.crashes + 1
 
 
 @runtime_checkable
 class CoordinationBackend(Protocol):
-    """Leases, fencing tokens, delivery counters and completion records.
+    """Run leases, lock leases, fencing tokens, crash counts and completion records.
 
     Keys are namespaced by the backend (``resilience_key_prefix``); callers pass the
     bare task id and lock key. Every method is atomic on its own: no other caller can
-    observe a half-applied result. Durations are seconds (floats). Methods raise
-    ``celery_resilience.errors.BackendUnavailable`` when the store cannot be
-    reached; they never run a task unguarded on an error.
+    observe a half-applied result. Every method is idempotent for the same ``owner``:
+    a call the client gave up on (a timeout) that the store runs later, followed by
+    the same call again, leaves the state of one call. Durations are seconds
+    (floats). Methods raise ``celery_resilience.errors.BackendUnavailable`` when the
+    store cannot be reached; they never run a task unguarded on an error.
     """
 
     url: str
@@ -66,66 +72,84 @@ class CoordinationBackend(Protocol):
     def admit(
         self,
         task_id: str,
-        attempt: int,
         *,
         owner: str,
+        publish: str,
         lock_key: str | None,
         lease_ttl: float,
         max_crashes: int,
         record_ttl: float,
+        adoptable: tuple[str, ...] = (),
     ) -> AdmitResult:
         """Decide, in one atomic step, whether this delivery may run its body.
 
-        In order: if ``task_id`` has a completion record, return ``DUPLICATE``
-        (nothing else changes). Otherwise count the delivery of (``task_id``,
-        ``attempt``), keeping the counter for ``record_ttl``; if the lost deliveries
-        (``AdmitResult.crashes``) number ``max_crashes`` or more, return
-        ``CRASH_BUDGET_SPENT``. Then, with a ``lock_key``, take the lease for
-        ``owner`` for ``lease_ttl`` seconds unless another owner holds it: held
-        means ``LOCK_CONTENDED`` with the remaining lease time; the delivery counter
-        of this attempt is removed (this delivery ends in a retry, not a crash) and
-        the deliveries lost before it are added to the task's carried ``lost``
-        count, so a poison task that also holds a lock still spends its crash
-        budget. A taken lease gets a fencing token strictly greater than every
-        earlier token of ``lock_key``: ``max(previous + 1, server time in µs)``, the
-        previous token being kept ``record_ttl`` seconds after the last acquisition
-        (past that, the clock alone keeps tokens increasing).
+        A lease or start mark held by ``owner`` itself, or by one of the ``adoptable``
+        owners (deliveries that gave up waiting for this store, whose admission may
+        have run late), counts as this delivery's own. In order:
+
+        1. ``task_id`` has a completion record of this ``publish`` (or the record or
+           ``publish`` is empty, for messages without a publish id): ``DUPLICATE``,
+           nothing changes. A record of another publish does not stop a new publish
+           that reuses the task id.
+        2. Another owner holds the run lease of ``task_id``: ``RUNNING``, nothing
+           changes.
+        3. The task's start mark is another owner's and no run lease is held: that
+           delivery started and its lease expired (or was freed) before it finished,
+           so it was lost: the crash count goes up by one, kept ``record_ttl``
+           seconds, and the mark is removed. Then, crashes >= ``max_crashes``:
+           ``CRASH_BUDGET_SPENT``.
+        4. With a ``lock_key`` held by another owner: ``LOCK_CONTENDED`` (a run lease
+           or start mark of this delivery's own is removed).
+        5. Otherwise ``ADMITTED``: ``owner`` takes the run lease (and the lock lease)
+           for ``lease_ttl`` seconds and the start mark for ``record_ttl``; a lock
+           lease gets a fencing token strictly greater than every earlier token of
+           ``lock_key``: ``max(previous + 1, server time in µs)``, the previous token
+           kept ``record_ttl`` seconds after the last acquisition.
         """
         ...
 
     def finish(
         self,
         task_id: str,
-        attempt: int,
         *,
         owner: str,
+        publish: str,
         lock_key: str | None,
         succeeded: bool,
         record_ttl: float,
     ) -> bool:
         """Close a delivery that ran its body, atomically.
 
-        Removes the delivery counter of (``task_id``, ``attempt``) and the carried
-        ``lost`` count (the body ran to an end, so the task does not kill workers), releases
-        ``lock_key`` only if ``owner`` still holds it, and when ``succeeded`` writes
-        the completion record of ``task_id`` for ``record_ttl`` seconds. Returns True
-        when the lease was released by this call, False when there was no lease or
+        Removes the crash count (the body ran to an end, so the task does not kill
+        workers), the start mark, run lease and lock lease each only if ``owner``
+        still holds it, and when ``succeeded`` writes the completion record of
+        ``task_id`` for this ``publish`` for ``record_ttl`` seconds. Returns True when
+        the lock lease was released by this call, False when there was none or
         another owner held it by then.
         """
         ...
 
-    def release(self, lock_key: str, owner: str) -> bool:
-        """Delete the lease on ``lock_key`` only if ``owner`` holds it (compare-and-delete).
+    def release(self, task_id: str, lock_key: str | None, owner: str) -> bool:
+        """Delete the run lease of ``task_id`` and the lock lease on ``lock_key`` where
+        ``owner`` holds them (compare-and-delete); the start mark stays, so the next
+        admission counts the delivery as lost.
 
-        Used to free a lease whose holder is provably dead. Returns True if released.
+        Used to free the leases of a holder that is provably dead. Returns True if
+        any lease was released.
         """
         ...
 
-    def renew(self, lock_key: str, owner: str, lease_ttl: float) -> bool:
-        """Extend the lease on ``lock_key`` to ``lease_ttl`` seconds if ``owner`` holds it.
+    def renew(self, task_id: str, lock_key: str | None, owner: str, lease_ttl: float) -> bool:
+        """Extend ``owner``'s run lease of ``task_id`` (and lock lease on ``lock_key``)
+        to ``lease_ttl`` seconds where ``owner`` holds them.
 
-        Returns False when the lease was lost (expired or taken by another owner).
+        Returns False when a lease was lost (expired or taken by another owner).
         """
+        ...
+
+    def holds(self, task_id: str, lock_key: str | None, owner: str) -> bool:
+        """Whether ``owner`` holds the run lease of ``task_id`` (and the lock lease on
+        ``lock_key``) right now."""
         ...
 
     def ping(self) -> None:

@@ -69,72 +69,100 @@ class MemoryCoordinationBackend:
         self._prefix = key_prefix
         self._store = _store_for(url)
 
-    def _keys(self, task_id: str, attempt: int) -> tuple[str, str, str]:
+    def _keys(self, task_id: str) -> tuple[str, str, str, str]:
         p = self._prefix
-        return f"{p}:done:{task_id}", f"{p}:deliveries:{task_id}:{attempt}", f"{p}:lost:{task_id}"
+        return (
+            f"{p}:done:{task_id}",
+            f"{p}:run:{task_id}",
+            f"{p}:started:{task_id}",
+            f"{p}:crashes:{task_id}",
+        )
 
     def _lock_keys(self, lock_key: str) -> tuple[str, str]:
         return f"{self._prefix}:lock:{lock_key}", f"{self._prefix}:fence:{lock_key}"
 
+    def _leases(self, task_id: str, lock_key: str | None) -> list[str]:
+        keys = [f"{self._prefix}:run:{task_id}"]
+        return keys if lock_key is None else [*keys, self._lock_keys(lock_key)[0]]
+
     def admit(
         self,
         task_id: str,
-        attempt: int,
         *,
         owner: str,
+        publish: str,
         lock_key: str | None,
         lease_ttl: float,
         max_crashes: int,
         record_ttl: float,
+        adoptable: tuple[str, ...] = (),
     ) -> AdmitResult:
-        done, deliveries_key, lost_key = self._keys(task_id, attempt)
+        done_key, run_key, started_key, crashes_key = self._keys(task_id)
+        own = {owner, *adoptable}
         store = self._store
         with store.lock:
             now = time.monotonic()
-            if store.get(done, now) is not None:
+            done = store.get(done_key, now)
+            if done is not None and (done in (publish, "1") or not publish):
                 return AdmitResult(Admission.DUPLICATE)
-            deliveries = (store.get(deliveries_key, now) or 0) + 1
-            store.set(deliveries_key, deliveries, record_ttl, now)
-            lost = store.get(lost_key, now) or 0
-            if deliveries - 1 + lost >= max_crashes:
-                return AdmitResult(Admission.CRASH_BUDGET_SPENT, deliveries, lost=lost)
-            if lock_key is None:
-                return AdmitResult(Admission.ADMITTED, deliveries, lost=lost)
-            lease, fence = self._lock_keys(lock_key)
-            if store.get(lease, now) is not None:
-                del store.data[deliveries_key]
-                if deliveries > 1:
-                    store.set(lost_key, lost + deliveries - 1, record_ttl, now)
+            run = store.get(run_key, now)
+            if run is not None and run not in own:
+                return AdmitResult(
+                    Admission.RUNNING, lease_remaining=store.ttl(run_key, now), holder=run
+                )
+            crashes = store.get(crashes_key, now) or 0
+            started = store.get(started_key, now)
+            lost = started is not None and started not in own and run is None
+            if lost:
+                crashes += 1
+                store.set(crashes_key, crashes, record_ttl, now)
+                store.data.pop(started_key, None)
+                started = None
+            if crashes >= max_crashes:
+                return AdmitResult(Admission.CRASH_BUDGET_SPENT, crashes, lost_predecessor=lost)
+            lease, fence = self._lock_keys(lock_key) if lock_key is not None else ("", "")
+            holder = store.get(lease, now) if lock_key is not None else None
+            if holder is not None and holder not in own:
+                for key in (run_key, started_key) if run or started else ():
+                    store.data.pop(key, None)
                 return AdmitResult(
                     Admission.LOCK_CONTENDED,
-                    deliveries,
+                    crashes,
                     lease_remaining=store.ttl(lease, now),
-                    lost=lost,
-                    holder=store.get(lease, now),
+                    holder=holder,
+                    lost_predecessor=lost,
                 )
+            store.set(run_key, owner, lease_ttl, now)
+            store.set(started_key, owner, record_ttl, now)
+            if lock_key is None:
+                return AdmitResult(Admission.ADMITTED, crashes, lost_predecessor=lost)
             store.set(lease, owner, lease_ttl, now)
             token = fence_token(store.get(fence, now) or 0, time.time_ns() // 1000)
             store.set(fence, token, record_ttl, now)
-            return AdmitResult(Admission.ADMITTED, deliveries, fencing_token=token, lost=lost)
+            return AdmitResult(
+                Admission.ADMITTED, crashes, fencing_token=token, lost_predecessor=lost
+            )
 
     def finish(
         self,
         task_id: str,
-        attempt: int,
         *,
         owner: str,
+        publish: str,
         lock_key: str | None,
         succeeded: bool,
         record_ttl: float,
     ) -> bool:
-        done, deliveries_key, lost_key = self._keys(task_id, attempt)
+        done_key, run_key, started_key, crashes_key = self._keys(task_id)
         store = self._store
         with store.lock:
             now = time.monotonic()
             if succeeded:
-                store.set(done, 1, record_ttl, now)
-            store.data.pop(deliveries_key, None)
-            store.data.pop(lost_key, None)
+                store.set(done_key, publish or "1", record_ttl, now)
+            store.data.pop(crashes_key, None)
+            for key in (run_key, started_key):
+                if store.get(key, now) == owner:
+                    del store.data[key]
             if lock_key is None:
                 return False
             lease = self._lock_keys(lock_key)[0]
@@ -143,24 +171,34 @@ class MemoryCoordinationBackend:
             del store.data[lease]
             return True
 
-    def release(self, lock_key: str, owner: str) -> bool:
-        lease = self._lock_keys(lock_key)[0]
+    def release(self, task_id: str, lock_key: str | None, owner: str) -> bool:
         store = self._store
+        released = False
         with store.lock:
-            if store.get(lease, time.monotonic()) != owner:
-                return False
-            del store.data[lease]
-            return True
+            now = time.monotonic()
+            for key in self._leases(task_id, lock_key):
+                if store.get(key, now) == owner:
+                    del store.data[key]
+                    released = True
+        return released
 
-    def renew(self, lock_key: str, owner: str, lease_ttl: float) -> bool:
-        lease = self._lock_keys(lock_key)[0]
+    def renew(self, task_id: str, lock_key: str | None, owner: str, lease_ttl: float) -> bool:
+        store = self._store
+        held = True
+        with store.lock:
+            now = time.monotonic()
+            for key in self._leases(task_id, lock_key):
+                if store.get(key, now) == owner:
+                    store.set(key, owner, lease_ttl, now)
+                else:
+                    held = False
+        return held
+
+    def holds(self, task_id: str, lock_key: str | None, owner: str) -> bool:
         store = self._store
         with store.lock:
             now = time.monotonic()
-            if store.get(lease, now) != owner:
-                return False
-            store.set(lease, owner, lease_ttl, now)
-            return True
+            return all(store.get(key, now) == owner for key in self._leases(task_id, lock_key))
 
     def ping(self) -> None:
         """The in-process store always answers."""

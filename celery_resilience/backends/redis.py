@@ -1,7 +1,8 @@
 """``redis://`` and ``rediss://``: the coordination backend on Redis or Valkey.
 
 Each operation that must be atomic is one Lua script, so a successful delivery costs
-two round trips: ``admit`` before the body and ``finish`` after it.
+two round trips: ``admit`` before the body and ``finish`` after it (a body longer than
+a third of the lease TTL adds one renewal per third).
 """
 
 from __future__ import annotations
@@ -18,71 +19,118 @@ from celery_resilience.urls import mask_url
 if TYPE_CHECKING:
     import redis
 
-# KEYS: 1 completion record, 2 delivery counter of this attempt, 3 lost deliveries
-#       carried from earlier attempts, [4 lease, 5 fencing counter]
-# ARGV: 1 owner, 2 lease ttl ms, 3 max crashes, 4 record ttl ms
-# Returns {status, deliveries, fencing token, lease ms left, lost, holder}; status 0 admitted,
-# 1 duplicate, 2 crash budget spent, 3 lock contended.
-ADMIT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {1, 0, 0, 0, 0}
-end
-local deliveries = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-local lost = tonumber(redis.call('GET', KEYS[3]) or '0')
-if deliveries - 1 + lost >= tonumber(ARGV[3]) then
-  return {2, deliveries, 0, 0, lost}
-end
-if #KEYS < 4 then
-  return {0, deliveries, 0, 0, lost}
-end
-if not redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  -- This delivery ends in a retry, not a crash; the lost ones before it are
-  -- carried over so a poison task with a lock still spends its budget.
-  redis.call('DEL', KEYS[2])
-  if deliveries > 1 then
-    redis.call('SET', KEYS[3], lost + deliveries - 1, 'PX', ARGV[4])
+# Shared by ADMIT: whether lease/mark value `v` is this delivery's own (ARGV[1]) or
+# an adoptable owner's (ARGV[6..]).
+_OWN = """
+local function own(v)
+  if not v then return false end
+  for i = 6, #ARGV do
+    if v == ARGV[i] then return true end
   end
-  return {3, deliveries, 0, redis.call('PTTL', KEYS[4]), lost, redis.call('GET', KEYS[4])}
+  return v == ARGV[1]
 end
+"""
+
+# KEYS: 1 completion record, 2 run lease, 3 start mark, 4 crash count,
+#       [5 lock lease, 6 fencing counter]
+# ARGV: 1 owner, 2 publish id, 3 lease ttl ms, 4 max crashes, 5 record ttl ms,
+#       6.. adoptable owners
+# Returns {status, crashes, fencing token, lease ms left, holder, 1 if a lost
+# predecessor was counted}; status 0 admitted,
+# 1 duplicate, 2 crash budget spent, 3 lock contended, 4 running elsewhere.
+# Reads everything before its first write (Redis does not roll a script back).
+ADMIT = (
+    _OWN
+    + """
+local done = redis.call('GET', KEYS[1])
+if done and (done == ARGV[2] or done == '1' or ARGV[2] == '') then
+  return {1, 0, 0, 0, false, 0}
+end
+local run = redis.call('GET', KEYS[2])
+if run and not own(run) then
+  return {4, 0, 0, redis.call('PTTL', KEYS[2]), run, 0}
+end
+local crashes = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+local started = redis.call('GET', KEYS[3])
+local holder = false
+if #KEYS >= 5 then holder = redis.call('GET', KEYS[5]) end
+local lost = 0
+if started and not own(started) and not run then
+  lost = 1
+  crashes = crashes + 1
+  redis.call('SET', KEYS[4], crashes, 'PX', ARGV[5])
+  redis.call('DEL', KEYS[3])
+  started = false
+end
+if crashes >= tonumber(ARGV[4]) then
+  return {2, crashes, 0, 0, false, lost}
+end
+if holder and not own(holder) then
+  if run then redis.call('DEL', KEYS[2]) end
+  if started then redis.call('DEL', KEYS[3]) end
+  return {3, crashes, 0, redis.call('PTTL', KEYS[5]), holder, lost}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
+if #KEYS < 5 then
+  return {0, crashes, 0, 0, false, lost}
+end
+redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[3])
 -- token = max(previous + 1, server time in microseconds): increasing even after
 -- the counter of a key idle for the record ttl expired.
 local now = redis.call('TIME')
-local token = math.max(tonumber(redis.call('GET', KEYS[5]) or '0') + 1,
+local token = math.max(tonumber(redis.call('GET', KEYS[6]) or '0') + 1,
                        tonumber(now[1]) * 1000000 + tonumber(now[2]))
-redis.call('SET', KEYS[5], string.format('%.0f', token), 'PX', ARGV[4])
-return {0, deliveries, token, 0, lost}
+redis.call('SET', KEYS[6], string.format('%.0f', token), 'PX', ARGV[5])
+return {0, crashes, token, 0, false, lost}
 """
+)
 
-# KEYS: 1 completion record, 2 delivery counter, 3 lost deliveries, [4 lease]
-# ARGV: 1 owner, 2 "1" when the body succeeded, 3 record ttl ms
-# Returns 1 when this call released the lease, else 0.
+# KEYS: 1 completion record, 2 run lease, 3 start mark, 4 crash count, [5 lock lease]
+# ARGV: 1 owner, 2 "1" when the body succeeded, 3 record ttl ms, 4 publish id
+# Returns 1 when this call released the lock lease, else 0.
 FINISH = """
 if ARGV[2] == '1' then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[3])
+  local record = ARGV[4]
+  if record == '' then record = '1' end
+  redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
 end
-redis.call('DEL', KEYS[2], KEYS[3])
-if #KEYS >= 4 and redis.call('GET', KEYS[4]) == ARGV[1] then
-  redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4])
+for i = 2, 3 do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+if #KEYS >= 5 and redis.call('GET', KEYS[5]) == ARGV[1] then
+  redis.call('DEL', KEYS[5])
   return 1
 end
 return 0
 """
 
-# KEYS: 1 lease. ARGV: 1 owner. Returns 1 if the owner's lease was deleted, else 0.
+# KEYS: the run lease [, the lock lease]. ARGV: 1 owner.
+# Returns 1 if any of them was the owner's and was deleted, else 0.
 RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    released = 1
+  end
 end
-return 0
+return released
 """
 
-# KEYS: 1 lease. ARGV: 1 owner, 2 lease ttl ms. Returns 1 if renewed, 0 if lost.
+# KEYS: the run lease [, the lock lease]. ARGV: 1 owner, 2 lease ttl ms.
+# Renews each lease the owner holds; returns 1 if it held all of them, 0 if one was lost.
 RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local held = 1
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  else
+    held = 0
+  end
 end
-return 0
+return held
 """
 
 _STATUS = {
@@ -90,6 +138,7 @@ _STATUS = {
     1: Admission.DUPLICATE,
     2: Admission.CRASH_BUDGET_SPENT,
     3: Admission.LOCK_CONTENDED,
+    4: Admission.RUNNING,
 }
 
 
@@ -187,12 +236,21 @@ class RedisCoordinationBackend:
         self._renew = self._client.register_script(RENEW)
         self._release = self._client.register_script(RELEASE)
 
-    def _keys(self, task_id: str, attempt: int, lock_key: str | None) -> list[str]:
+    def _keys(self, task_id: str, lock_key: str | None) -> list[str]:
         p = self._prefix
-        keys = [f"{p}:done:{task_id}", f"{p}:deliveries:{task_id}:{attempt}", f"{p}:lost:{task_id}"]
+        keys = [
+            f"{p}:done:{task_id}",
+            f"{p}:run:{task_id}",
+            f"{p}:started:{task_id}",
+            f"{p}:crashes:{task_id}",
+        ]
         if lock_key is not None:
             keys += [f"{p}:lock:{lock_key}", f"{p}:fence:{lock_key}"]
         return keys
+
+    def _leases(self, task_id: str, lock_key: str | None) -> list[str]:
+        keys = [f"{self._prefix}:run:{task_id}"]
+        return keys if lock_key is None else [*keys, f"{self._prefix}:lock:{lock_key}"]
 
     def _call(self, what: str, fn: Any, keys: list[str], args: list[Any]) -> Any:
         return call("coordination", self.url, what, fn, keys=keys, args=args)
@@ -200,49 +258,60 @@ class RedisCoordinationBackend:
     def admit(
         self,
         task_id: str,
-        attempt: int,
         *,
         owner: str,
+        publish: str,
         lock_key: str | None,
         lease_ttl: float,
         max_crashes: int,
         record_ttl: float,
+        adoptable: tuple[str, ...] = (),
     ) -> AdmitResult:
-        keys = self._keys(task_id, attempt, lock_key)
-        args = [owner, _ms(lease_ttl), max_crashes, _ms(record_ttl)]
-        status, deliveries, token, left_ms, lost, *holder = self._call(
-            "admit", self._admit, keys, args
-        )
+        keys = self._keys(task_id, lock_key)
+        args = [owner, publish, _ms(lease_ttl), max_crashes, _ms(record_ttl), *adoptable]
+        status, crashes, token, left_ms, holder, lost = self._call("admit", self._admit, keys, args)
         return AdmitResult(
             _STATUS[int(status)],
-            int(deliveries),
+            int(crashes),
             fencing_token=int(token) if int(status) == 0 and lock_key is not None else None,
             lease_remaining=max(0, int(left_ms)) / 1000.0,
-            lost=int(lost),
-            holder=holder[0].decode() if holder and holder[0] else None,
+            holder=holder.decode() if holder else None,
+            lost_predecessor=bool(lost),
         )
 
     def finish(
         self,
         task_id: str,
-        attempt: int,
         *,
         owner: str,
+        publish: str,
         lock_key: str | None,
         succeeded: bool,
         record_ttl: float,
     ) -> bool:
-        keys = self._keys(task_id, attempt, lock_key)[:4]
-        args = [owner, "1" if succeeded else "0", _ms(record_ttl)]
+        keys = self._keys(task_id, lock_key)[:5]
+        args = [owner, "1" if succeeded else "0", _ms(record_ttl), publish]
         return bool(self._call("finish", self._finish, keys, args))
 
-    def release(self, lock_key: str, owner: str) -> bool:
-        keys = [f"{self._prefix}:lock:{lock_key}"]
+    def release(self, task_id: str, lock_key: str | None, owner: str) -> bool:
+        keys = self._leases(task_id, lock_key)
         return bool(self._call("release", self._release, keys, [owner]))
 
-    def renew(self, lock_key: str, owner: str, lease_ttl: float) -> bool:
-        keys = [f"{self._prefix}:lock:{lock_key}"]
+    def renew(self, task_id: str, lock_key: str | None, owner: str, lease_ttl: float) -> bool:
+        keys = self._leases(task_id, lock_key)
         return bool(self._call("renew", self._renew, keys, [owner, _ms(lease_ttl)]))
+
+    def holds(self, task_id: str, lock_key: str | None, owner: str) -> bool:
+        keys = self._leases(task_id, lock_key)
+
+        def read(keys: list[str], args: list[Any]) -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)  # GETs: MGET needs its own ACL
+            for key in keys:
+                pipe.get(key)
+            return list(pipe.execute())
+
+        values = self._call("holds", read, keys, [])
+        return all(value is not None and value.decode() == owner for value in values)
 
     def ping(self) -> None:
         self._call("ping", lambda keys, args: self._client.ping(), [], [])

@@ -6,8 +6,9 @@ DLQ backends. Nothing connects anywhere: the environment variables that could po
 the app elsewhere are ignored.
 
 A thread cannot be SIGKILLed, so the crash budget is shown by simulation: each
-delivery of the poison task parks its thread for good (it never finishes and never
-acks, which is what a SIGKILLed child looks like to the backend) and the demo
+delivery of the poison task drops its run lease and parks its thread for good (it
+never finishes and never acks, which is what a SIGKILLed child, freed as a dead
+holder, looks like to the backend) and the demo
 publishes the same message again, as the broker redelivers it after a lost worker.
 The gate counts those deliveries exactly as it counts real ones.
 """
@@ -21,6 +22,7 @@ from typing import TextIO
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore
 
+from celery_resilience.attempt import current_attempt
 from celery_resilience.demo import scenarios, tasks
 from celery_resilience.demo.app import isolated, memory_app
 from celery_resilience.demo.observer import PLUGIN_NAME, EventForwarder
@@ -29,6 +31,7 @@ from celery_resilience.demo.scenarios import Context
 from celery_resilience.demo.store import MemoryStore
 from celery_resilience.dlq import DeadLetterQueue
 from celery_resilience.plugins import get_plugin_manager
+from celery_resilience.runtime import runtime
 
 CONCURRENCY = 8
 RELEASE_FLAG = "release-parked"
@@ -63,6 +66,8 @@ def _run(out: TextIO, ignored: list[str], *, verbose: bool) -> int:
             task_id=task_id,
             text="simulated crash: this delivery never finishes or acks, as a SIGKILLed child",
         )
+        # A SIGKILLed child's leases are freed as a dead holder's: drop this one's.
+        runtime(app).backend.release(task_id, None, current_attempt().owner)
         store.wait_flag(RELEASE_FLAG, PARK_MAX_S)
         raise Ignore()  # acked without touching the stored result
 

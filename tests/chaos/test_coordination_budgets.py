@@ -38,9 +38,6 @@ QUEUED_BODY_S = 2.0
 QUEUE_LIMIT_S = 240.0  # 20 x 2 s bodies need 40 s; within pytest-timeout (300 s)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue #12: a timed-out admit, run late, strands its lock's lease"
-)
 def test_a_task_whose_admit_outlived_a_coordination_stall_starts_within_2s_of_resume(
     private_redis: RedisServer,  # first: set up before the clusters, torn down after them
     chaos_clusters: Callable[..., ChaosCluster],
@@ -100,9 +97,6 @@ def test_a_task_whose_admit_outlived_a_coordination_stall_starts_within_2s_of_re
     assert starts[0]["retries"] == 0, report
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue #12: an unreachable coordination backend spends max_retries"
-)
 def test_a_60s_coordination_outage_spends_no_retries_and_no_crash_budget(
     private_redis: RedisServer,  # first: set up before the clusters, torn down after them
     chaos_clusters: Callable[..., ChaosCluster],
@@ -150,9 +144,6 @@ def test_a_60s_coordination_outage_spends_no_retries_and_no_crash_budget(
     assert "crash_budget_spent" not in events, report
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue #12: waiting for a lock spends max_retries (lock_contended DLQ)"
-)
 def test_twenty_tasks_queued_on_one_lock_key_all_run_one_after_another(
     chaos_clusters: Callable[..., ChaosCluster], chaos_summary: dict[str, Any]
 ) -> None:

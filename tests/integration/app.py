@@ -168,7 +168,7 @@ def create_app(env: Mapping[str, str]) -> Celery:
         r.rpush(records.key(tag, "completions"), os.getpid())
         return "released"
 
-    @resilient(lock="held:{tag}", max_retries=1, backoff=QUICK_BACKOFF)
+    @resilient(lock="held:{tag}", max_retries=1, lock_timeout=1.5, backoff=QUICK_BACKOFF)
     @app.task(shared=False, name="crt.contends")
     def contends(tag: str) -> str:
         """Wants the lock ``blocks_until_released`` holds; records a start if it ever runs."""
@@ -202,6 +202,12 @@ def create_app(env: Mapping[str, str]) -> Celery:
         """Records its start and returns ``2 * value``."""
         records.client().rpush(records.key(tag, "starts"), os.getpid())
         return 2 * value
+
+    @app.task(shared=False, name="crt.collects")
+    def collects(results: list[int], tag: str) -> int:
+        """A plain chord body: records the header's results it was called with."""
+        records.client().rpush(records.key(tag, "collected"), json.dumps(sorted(results)))
+        return sum(results)
 
     @resilient(max_retries=2, retry_on=(ConnectionError,), backoff=QUICK_BACKOFF)
     @app.task(bind=True, shared=False, name="crt.fails_until_fixed")

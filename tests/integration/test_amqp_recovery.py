@@ -17,7 +17,7 @@ import signal
 
 import pytest
 
-from celery_resilience import CrashBudgetExceeded
+from celery_resilience import CrashBudgetExceeded, headers
 
 from .harness import Cluster
 
@@ -83,13 +83,15 @@ def test_a_task_that_kills_its_worker_every_time_stops_after_the_crash_budget_on
 def test_a_redelivered_copy_of_a_succeeded_task_is_acked_without_running_on_rabbitmq(
     amqp_cluster: Cluster,
 ) -> None:
-    """A second message with a succeeded task's id is suppressed: body not run, result kept."""
+    """A copy of a succeeded task's message (same publish) is suppressed: body not run,
+    result kept."""
     cluster, tag = amqp_cluster, amqp_cluster.tag()
-    first = cluster.send("crt.doubles", tag, 21)
+    message = {headers.PUBLISH: f"publish-{tag}"}  # what a redelivered copy carries
+    first = cluster.send("crt.doubles", tag, 21, headers=message)
     assert cluster.wait_for_state(first, {"SUCCESS", "FAILURE"}, "the first run") == "SUCCESS"
     assert first.result == 42
 
-    copy = cluster.send("crt.doubles", tag, 21, task_id=first.id)
+    copy = cluster.send("crt.doubles", tag, 21, task_id=first.id, headers=message)
     assert copy.id == first.id
     events = cluster.wait_until_event(first, "duplicate_suppressed")
     cluster.wait_until_settled(first, tag)

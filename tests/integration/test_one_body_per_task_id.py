@@ -110,10 +110,6 @@ def check_one_body_at_a_time(cluster: Cluster, tag: str, results: list[AsyncResu
         assert any(b["id"] == result.id for b in bodies), f"{result.id} never ran\n{report}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #12: copies of one task id without lock= run their bodies at once",
-)
 @pytest.mark.parametrize("copies", [2, 4])
 def test_the_same_task_id_published_concurrently_runs_one_body_at_a_time(
     redis_cluster: Cluster, copies: int
@@ -144,10 +140,6 @@ def wait_for_a_heartbeat(cluster: Cluster, visibility_timeout: float) -> None:
     wait_until(refreshed, "a visibility heartbeat", cluster.report, visibility_timeout)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #12: a copy redelivered after a broker stall runs beside the running body",
-)
 def test_a_broker_stall_under_the_visibility_timeout_never_runs_two_bodies_of_a_task(
     integration_redis_url: str, private_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -185,10 +177,6 @@ def test_a_broker_stall_under_the_visibility_timeout_never_runs_two_bodies_of_a_
         check_one_body_at_a_time(cluster, tag, results)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #12: a timed-out admit spends a retry; run late, it strands its lock's lease",
-)
 @pytest.mark.parametrize("task_name", ["crt.records_its_body", "crt.locked_records_its_body"])
 def test_a_task_whose_admit_outlived_a_coordination_stall_starts_soon_after_resume(
     integration_redis_url: str, private_redis: RedisServer, tmp_path: Path, task_name: str
