@@ -45,11 +45,15 @@ def _report(done: subprocess.CompletedProcess[str]) -> str:
 def test_demo_with_no_services_passes_every_scenario_and_ignores_service_settings() -> None:
     """`celery-resilience demo` exits 0 with every scenario PASS, never using the env's URLs."""
     dead = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens: any use would fail
-    done = _run("demo", env={"CELERY_BROKER_URL": dead, "CELERY_RESILIENCE_URL": dead})
+    stray = {"CELERY_BROKER_URL": dead, "CELERY_RESILIENCE_URL": dead, "CELERY_LOADER": "no.Such"}
+    done = _run("demo", env=stray)
     out = done.stdout
     assert done.returncode == 0, _report(done)
     assert done.stderr == "", _report(done)
-    assert "ignored from the environment: CELERY_BROKER_URL, CELERY_RESILIENCE_URL" in out
+    assert (
+        "ignored from the environment: CELERY_BROKER_URL, CELERY_LOADER, CELERY_RESILIENCE_URL"
+        in out
+    )
     for title in (
         "retry with backoff",
         "lock exclusion",

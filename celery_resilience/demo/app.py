@@ -35,6 +35,9 @@ _OVERRIDES = (
     "CELERY_BROKER_READ_URL",
     "CELERY_BROKER_WRITE_URL",
     "CELERY_RESULT_BACKEND",
+    # Celery reads the loader class from here (celery/app/base.py): a stray one makes
+    # the demo app import a project that is not there.
+    "CELERY_LOADER",
 )
 # The environment overrides of celery-resilience's own settings, and nothing else
 # under that prefix (CI sets CELERY_RESILIENCE_TEST_* for the test suite).
