@@ -7,10 +7,10 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from celery_resilience.demo.celery_compat import work_around_celery_10477
 from tests.support.redis_server import RedisServer
 from tests.support.services import reachable_redis
 
@@ -77,29 +77,5 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _work_around_celery_10477()
-
-
-def _work_around_celery_10477() -> None:
-    """Celery < 5.7 (celery/celery#10477): the garbage collector can run
-    ``AsyncResult.__del__`` while this process' ``apply_async`` holds the result
-    backend's ``PubSub`` lock (its SUBSCRIBE); ``__del__`` then UNSUBSCRIBEs through
-    the same lock and the test process deadlocks for good (pytest-timeout's exception
-    is swallowed inside ``__del__``). In this test process only, an unsubscribe that
-    would wait on that lock is skipped, as Celery 5.7's own fix defers it; the stale
-    subscription costs nothing here. Workers never subscribe (join would block there).
-    """
-    from celery.backends.redis import ResultConsumer
-
-    if hasattr(ResultConsumer, "_flush_pending_unsubscribe"):  # Celery 5.7's fix
-        return
-    original = ResultConsumer.cancel_for
-
-    def cancel_for(self: Any, task_id: str) -> None:
-        lock = getattr(self._pubsub, "_lock", None)
-        if lock is not None and lock.locked():
-            self.subscribed_to.discard(self._get_key_for_task(task_id))
-            return
-        original(self, task_id)
-
-    ResultConsumer.cancel_for = cancel_for
+    # Celery < 5.7 can hang this process for good (celery/celery#10477); see there.
+    work_around_celery_10477()

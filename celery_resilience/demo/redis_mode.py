@@ -30,6 +30,7 @@ from celery_resilience.demo.app import (
     isolated,
     redis_app,
 )
+from celery_resilience.demo.celery_compat import work_around_celery_10477
 from celery_resilience.demo.observer import PLUGIN_NAME, EventForwarder
 from celery_resilience.demo.report import Report
 from celery_resilience.demo.scenarios import Context
@@ -150,6 +151,7 @@ def run(url: str, out: TextIO, *, verbose: bool = False) -> int:
 
 
 def _run(url: str, out: TextIO, ignored: list[str], *, verbose: bool) -> int:
+    work_around_celery_10477()  # this process polls results from Redis
     prefix = f"celery_resilience_demo:{uuid.uuid4().hex[:10]}"
     store = RedisStore(url, prefix)
     report = Report(out)
