@@ -17,7 +17,8 @@ from typing import Any
 
 def work_around_celery_10477() -> None:
     """Make ``ResultConsumer.cancel_for`` skip an unsubscribe that would wait on the
-    ``PubSub`` lock. Idempotent; does nothing on Celery 5.7, which has its own fix."""
+    ``PubSub`` lock. Idempotent; does nothing on Celery 5.7, which has its own fix, and
+    changes nothing where redis-py's lock is reentrant."""
     from celery.backends.redis import ResultConsumer
 
     if hasattr(ResultConsumer, "_flush_pending_unsubscribe"):  # Celery 5.7's fix
@@ -27,8 +28,10 @@ def work_around_celery_10477() -> None:
         return
 
     def cancel_for(self: Any, task_id: str) -> None:
-        lock = getattr(self._pubsub, "_lock", None)
-        if lock is not None and lock.locked():
+        # redis-py < 6 guards PubSub with a Lock, which deadlocks here; newer ones use
+        # an RLock (no locked() on Python 3.11), which lets the same thread in.
+        locked = getattr(getattr(self._pubsub, "_lock", None), "locked", None)
+        if callable(locked) and locked():
             self.subscribed_to.discard(self._get_key_for_task(task_id))
             return
         original(self, task_id)
