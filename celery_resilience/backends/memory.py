@@ -120,11 +120,15 @@ class MemoryCoordinationBackend:
                 started = None
             if crashes >= max_crashes:
                 return AdmitResult(Admission.CRASH_BUDGET_SPENT, crashes, lost_predecessor=lost)
-            lease, fence = self._lock_keys(lock_key) if lock_key is not None else ("", "")
-            holder = store.get(lease, now) if lock_key is not None else None
+            lease = fence = ""
+            holder = None
+            if lock_key is not None:
+                lease, fence = self._lock_keys(lock_key)
+                holder = store.get(lease, now)
             if holder is not None and holder not in own:
-                for key in (run_key, started_key) if run or started else ():
-                    store.data.pop(key, None)
+                # this delivery's own (adopted) run lease and start mark go: it retries
+                store.data.pop(run_key, None)
+                store.data.pop(started_key, None)
                 return AdmitResult(
                     Admission.LOCK_CONTENDED,
                     crashes,
