@@ -15,6 +15,7 @@ from typing import Any
 import kombu
 
 from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
+from celery_resilience.backends.redis import REDIS_SCHEMES, storage
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
 from celery_resilience.heartbeat import sweep_interval, tick_interval
 from celery_resilience.runtime import runtime
@@ -29,7 +30,6 @@ REQUEUE_MARGIN = 10.0  # seconds a worker needs after soft shutdown to requeue
 DEFAULT_AMQP_HEARTBEAT = 60.0  # RabbitMQ's server-side heartbeat timeout, seconds
 KOMBU_RESTORE_SWEEP = 100.0  # kombu's own sweep without the heartbeat: 10 s x 10, seconds
 MAX_RECOVERY = 300.0  # a dead node's tasks waiting longer than this is a finding, seconds
-_PERSISTED = ("redis://", "rediss://", "unix://")  # URLs whose server doctor can ask
 
 
 @dataclass(frozen=True)
@@ -265,15 +265,13 @@ def _backends(app: Any, settings: Settings) -> list[Finding]:
             ))  # fmt: skip
     if findings:
         return findings
-    findings = storage_findings(settings)
-    if not dlq_checked_by_storage(settings):  # a plugin's DLQ: ask the backend itself
-        findings += _dlq_eviction(settings.name_of("dlq_url"), rt.dlq)
-    return findings
+    return storage_findings(settings, rt.dlq)
 
 
-def storage_findings(settings: Settings) -> list[Finding]:
+def storage_findings(settings: Settings, dlq: DeadLetterBackend) -> list[Finding]:
     """A coordination or DLQ Redis that loses its data on restart (no AOF, no RDB) or
-    evicts keys under memory pressure (``maxmemory-policy`` other than ``noeviction``).
+    evicts keys under memory pressure (``maxmemory-policy`` other than ``noeviction``);
+    a DLQ on another backend is asked for its eviction policy itself.
 
     Also what the worker logs at start. A server that does not answer ``CONFIG GET``
     (an ACL, a managed Redis) gives one warning per server that it could not be checked.
@@ -286,8 +284,6 @@ def storage_findings(settings: Settings) -> list[Finding]:
     findings = []
     for url, names in _redis_urls(settings).items():
         setting = settings.name_of(names[0])
-        from celery_resilience.backends.redis import storage
-
         try:
             kept = storage(url, "coordination" if "url" in names else "DLQ")
         except BackendUnavailable as exc:
@@ -318,6 +314,8 @@ def storage_findings(settings: Settings) -> list[Finding]:
                 f"under memory pressure it evicts, without trace, {lost}.",
                 f"set maxmemory-policy noeviction on that Redis, or {other} one that has it.",
             ))  # fmt: skip
+    if not settings.dlq_url.lower().startswith(REDIS_SCHEMES):  # a plugin's DLQ
+        findings += _dlq_eviction(settings.name_of("dlq_url"), dlq)
     return findings
 
 
@@ -326,14 +324,9 @@ def _redis_urls(settings: Settings) -> dict[str, list[str]]:
     urls: dict[str, list[str]] = {}
     for name in ("url", "dlq_url"):
         url = getattr(settings, name)
-        if url.lower().startswith(_PERSISTED):
+        if url.lower().startswith(REDIS_SCHEMES):
             urls.setdefault(url, []).append(name)
     return urls
-
-
-def dlq_checked_by_storage(settings: Settings) -> bool:
-    """Whether ``storage_findings`` already checks the DLQ's store (a Redis URL)."""
-    return settings.dlq_url.lower().startswith(_PERSISTED)
 
 
 def _dlq_eviction(setting: str, dlq: DeadLetterBackend) -> list[Finding]:

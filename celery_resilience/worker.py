@@ -7,8 +7,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from celery_resilience.backends.base import DeadLetterBackend
-from celery_resilience.doctor import dlq_checked_by_storage, storage_findings
+from celery_resilience.doctor import storage_findings
 from celery_resilience.errors import ResilienceError
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import require_shared_backend
@@ -51,24 +50,5 @@ class ResilienceBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
             mask_url(settings.url),
             mask_url(settings.dlq_url),
         )
-        for finding in storage_findings(settings):
+        for finding in storage_findings(settings, rt.dlq):
             logger.warning("celery-resilience: %s", str(finding).removeprefix("warning: "))
-        if not dlq_checked_by_storage(settings):  # a plugin's DLQ: ask the backend
-            _warn_if_dlq_can_evict(rt.dlq)
-
-
-def _warn_if_dlq_can_evict(dlq: DeadLetterBackend) -> None:
-    """Dead letters on a store that evicts keys under memory pressure vanish silently."""
-    try:
-        policy = dlq.eviction_policy()
-    except ResilienceError as exc:  # e.g. an ACL user without CONFIG GET
-        logger.warning("celery-resilience: could not read the DLQ's eviction policy: %s", exc)
-        return
-    if policy is not None:
-        logger.warning(
-            "celery-resilience: the DLQ at %s has maxmemory-policy %s, which can evict "
-            "dead letters without trace; give it a Redis with maxmemory-policy noeviction "
-            "(set resilience_dlq_url)",
-            dlq.url,
-            policy,
-        )

@@ -177,6 +177,9 @@ def call(role: str, url: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> 
         ) from exc
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""URL schemes the built-in Redis backends serve (coordination and DLQ)."""
+
 EVICTING = frozenset({
     "allkeys-lru", "allkeys-lfu", "allkeys-random",
     "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
@@ -328,6 +331,6 @@ def resilience_coordination_backend(
     url: str, settings: Settings
 ) -> RedisCoordinationBackend | None:
     """Serve ``redis://``, ``rediss://`` and ``unix://`` URLs."""
-    if not url.lower().startswith(("redis://", "rediss://", "unix://")):
+    if not url.lower().startswith(REDIS_SCHEMES):
         return None
     return RedisCoordinationBackend(url, key_prefix=settings.key_prefix)

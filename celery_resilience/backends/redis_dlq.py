@@ -19,7 +19,7 @@ from celery_resilience.backends.base import (
     score_of,
     to_score,
 )
-from celery_resilience.backends.redis import EVICTING, call, connect
+from celery_resilience.backends.redis import EVICTING, REDIS_SCHEMES, call, connect
 from celery_resilience.deadletter import DeadLetter, MalformedEntry
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.outcome import GIVE_UP_REASONS
@@ -330,6 +330,6 @@ class RedisDeadLetterBackend:
 @hookimpl(trylast=True)
 def resilience_dlq_backend(url: str, settings: Settings) -> RedisDeadLetterBackend | None:
     """Serve ``redis://``, ``rediss://`` and ``unix://`` URLs."""
-    if not url.lower().startswith(("redis://", "rediss://", "unix://")):
+    if not url.lower().startswith(REDIS_SCHEMES):
         return None
     return RedisDeadLetterBackend(url, key_prefix=settings.key_prefix)
