@@ -67,15 +67,7 @@ def test_a_task_whose_admit_outlived_a_coordination_stall_starts_within_2s_of_re
     finally:
         server.resume()
     resumed_at = time.time()
-    state = wait_until(
-        lambda: result.state if result.state in {"SUCCESS", "FAILURE"} else None,
-        "the task after the stall",
-        lambda: cluster.report(result.id) + "\n" + server.report(),
-        timeout=AFTER_OUTAGE_LIMIT_S,
-    )
-    cluster.wait_settled(lambda: cluster.report(result.id))
-    starts = cluster.starts(result.id)
-    dead = [entry for entry in cluster.dead_letters() if entry.task_id == result.id]
+    state, starts, dead = _outcome(cluster, result, server, "the task after the stall")
     after = [round(s["t"] - resumed_at, 2) for s in starts]
     record(
         chaos_summary,
@@ -97,6 +89,22 @@ def test_a_task_whose_admit_outlived_a_coordination_stall_starts_within_2s_of_re
     assert starts[0]["retries"] == 0, report
 
 
+def _outcome(
+    cluster: ChaosCluster, result: Any, server: RedisServer, what: str
+) -> tuple[str, list[dict[str, Any]], list[Any]]:
+    """Wait for ``result``'s final state once its backend is back; return the state, the
+    body starts it recorded and its dead letters."""
+    state = wait_until(
+        lambda: result.state if result.state in {"SUCCESS", "FAILURE"} else None,
+        what,
+        lambda: cluster.report(result.id) + "\n" + server.report(),
+        timeout=AFTER_OUTAGE_LIMIT_S,
+    )
+    cluster.wait_settled(lambda: cluster.report(result.id))
+    dead = [entry for entry in cluster.dead_letters() if entry.task_id == result.id]
+    return state, cluster.starts(result.id), dead
+
+
 def test_a_60s_coordination_outage_spends_no_retries_and_no_crash_budget(
     private_redis: RedisServer,  # first: set up before the clusters, torn down after them
     chaos_clusters: Callable[..., ChaosCluster],
@@ -113,16 +121,8 @@ def test_a_60s_coordination_outage_spends_no_retries_and_no_crash_budget(
     time.sleep(OUTAGE_S)
     server.restart()
     back_at = time.time()
-    state = wait_until(
-        lambda: result.state if result.state in {"SUCCESS", "FAILURE"} else None,
-        "the task after the outage",
-        lambda: cluster.report(result.id) + "\n" + server.report(),
-        timeout=AFTER_OUTAGE_LIMIT_S,
-    )
-    cluster.wait_settled(lambda: cluster.report(result.id))
-    starts = cluster.starts(result.id)
+    state, starts, dead = _outcome(cluster, result, server, "the task after the outage")
     events = cluster.events(result.id)
-    dead = [entry for entry in cluster.dead_letters() if entry.task_id == result.id]
     report = cluster.report(result.id)
     record(
         chaos_summary,
