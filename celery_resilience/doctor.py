@@ -18,11 +18,11 @@ from celery_resilience.backends.base import CoordinationBackend, DeadLetterBacke
 from celery_resilience.backends.redis import REDIS_SCHEMES, storage
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
 from celery_resilience.heartbeat import sweep_interval, tick_interval
+from celery_resilience.liveness import REDIS_BROKERS
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import Settings, broker_url, unshared_backend
 from celery_resilience.urls import mask_url
 
-_REDIS = ("redis://", "rediss://", "sentinel://", "redis+socket://")
 _AMQP = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0  # kombu's Redis transport, seconds
 DEFAULT_CONSUMER_TIMEOUT = 1800.0  # RabbitMQ >= 3.8.15, seconds
@@ -95,7 +95,7 @@ def diagnose(
                 "a resilient task acks before it runs, so a lost worker loses the task.",
                 "leave acks_late to @resilient (do not set acks_late=False on the task).",
             ))  # fmt: skip
-    if broker.startswith(_REDIS):
+    if broker.startswith(REDIS_BROKERS):
         findings += _visibility(conf, settings.visibility_heartbeat, tasks)
         findings += _recovery_time(app, conf)
     if broker.startswith(_AMQP) and longest_task is not None:
@@ -142,7 +142,7 @@ def recovery(app: Any, *, consumer_timeout: float | None = None) -> Recovery:
     """
     conf = app.conf
     broker = _broker(conf)
-    if broker.startswith(_REDIS):
+    if broker.startswith(REDIS_BROKERS):
         timeout = _visibility_timeout(conf)
         if runtime(app).settings.visibility_heartbeat is not False:
             earliest = max(0.0, timeout / 2 - tick_interval(timeout))
@@ -186,7 +186,7 @@ def _visibility(conf: Any, heartbeat: bool | None, tasks: list[Any]) -> list[Fin
     timeout = _visibility_timeout(conf)
     backend = str(conf.get("result_backend") or "").lower()
     result_vt = (conf.get("result_backend_transport_options") or {}).get("visibility_timeout")
-    if backend.startswith(_REDIS) and result_vt is not None and float(result_vt) != timeout:
+    if backend.startswith(REDIS_BROKERS) and result_vt is not None and float(result_vt) != timeout:
         findings.append(Finding(
             'result_backend_transport_options["visibility_timeout"]',
             f"is {result_vt!r} but the broker's visibility timeout is {timeout:g} s.",

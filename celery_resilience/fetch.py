@@ -9,7 +9,9 @@ channel with:
 
 * ``FETCH``, a Lua script that pops the first message of the channel's queue keys (in
   kombu's order: priority, then queue cycle) and records it in ``unacked`` and
-  ``unacked_index`` atomically, so from the moment it leaves the queue it is restorable;
+  ``unacked_index`` (scored with the server's clock) and in the node's held set, and
+  renews the node's presence, atomically: from the moment it leaves the queue it is
+  restorable, and it belongs to a node (``celery_resilience.liveness``);
 * when every queue was empty, ``BLMOVE key key RIGHT RIGHT timeout`` on the first queue
   key: it blocks until that list has a message and moves it onto itself (a no-op, nothing
   leaves Redis), then the next ``FETCH`` takes it. Messages arriving meanwhile on another
@@ -17,8 +19,8 @@ channel with:
   1 s by default).
 
 One round trip per message while messages are waiting; two (wait + fetch) after idling.
-kombu still runs its own ``QoS.append`` on delivery, which rewrites the same two
-entries.
+kombu's own ``QoS.append`` on delivery then only does its in-memory part
+(``liveness.node.adopt``).
 
 Whether the server can do all this is found out by trying it, not by asking ``INFO``
 (which ACL users often lack, e.g. ``-@dangerous``): :func:`refusal` runs ``BLMOVE``,
@@ -35,15 +37,22 @@ import logging
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from celery_resilience.liveness.keys import ms
+
+if TYPE_CHECKING:
+    from celery_resilience.liveness.node import Node
 
 logger = logging.getLogger(__name__)
 
-# KEYS: unacked hash, unacked index, queue keys in fetch order.  ARGV: now (s).
+# KEYS: unacked hash, unacked index, the node's held set, presence, then the queue keys
+# in fetch order.  ARGV: node id, node TTL (ms).
 # Returns {index of the queue key (0-based), payload} or nil.  A payload that is not
 # kombu's JSON (no delivery tag) is popped and returned unrecorded, as BRPOP would.
-# Redis >= 7.0 checks each command against the user's ACL first, so a refused one
-# fails the script (NOPERM, naming it) before it changed anything.
+# Times are the server's (TIME), never the worker's. Redis >= 7.0 checks each command
+# against the user's ACL first, so a refused one fails the script (NOPERM, naming it)
+# before it changed anything.
 FETCH = """
 local function refused(command, ...)
     if redis.acl_check_cmd and not redis.acl_check_cmd(command, ...) then
@@ -51,13 +60,16 @@ local function refused(command, ...)
             "'" .. string.lower(command) .. "' command on these keys")
     end
 end
-for i = 3, #KEYS do
+local ttl = tonumber(ARGV[2])
+if not ttl then return redis.error_reply('ERR node TTL must be a number of ms') end
+for i = 5, #KEYS do
     local err = refused('LINDEX', KEYS[i], '-1')
     if err then return err end
     local item = redis.call('LINDEX', KEYS[i], -1)
     if item then
         err = refused('RPOP', KEYS[i]) or refused('ZADD', KEYS[2], '0', 'tag')
-            or refused('HSET', KEYS[1], 'tag', 'payload')
+            or refused('HSET', KEYS[1], 'tag', 'payload') or refused('SADD', KEYS[3], 'tag')
+            or refused('ZADD', KEYS[4], '0', 'node')
         if err then return err end
         local ok, msg = pcall(cjson.decode, item)
         local tag, info
@@ -69,11 +81,15 @@ for i = 3, #KEYS do
         if type(tag) == 'string' then
             if type(info) ~= 'table' then info = {} end
             local ex, rk = info['exchange'] or '', info['routing_key'] or ''
-            redis.call('ZADD', KEYS[2], ARGV[1], tag)
+            local t = redis.call('TIME')
+            redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000, tag)
             redis.call('HSET', KEYS[1], tag,
                 '[' .. item .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+            redis.call('SADD', KEYS[3], tag)
+            local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            redis.call('ZADD', KEYS[4], 'GT', now + ttl, ARGV[1])
         end
-        return {i - 3, item}
+        return {i - 5, item}
     end
 end
 return nil
@@ -89,7 +105,7 @@ _OFF = (
 _warned: set[str] = set()
 
 
-def refusal(channel: Any) -> str | None:
+def refusal(channel: Any, node: Node) -> str | None:
     """Why ``channel``'s Redis cannot fetch reliably, or ``None`` when it can.
 
     Runs once each command reliable fetch needs that kombu's own fetch does not:
@@ -106,6 +122,7 @@ def refusal(channel: Any) -> str | None:
 
     prefix = channel.global_keyprefix or ""
     keys = [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
+    ours = [node.held, node.keys.presence]
     command, grant = "BLMOVE", "+blmove"
     # Redis's own execute_command: kombu's client would add global_keyprefix to some keys.
     execute: Callable[..., Any] = Redis.execute_command
@@ -119,7 +136,8 @@ def refusal(channel: Any) -> str | None:
             command, grant = "SCRIPT LOAD", "+script|load"
             sha = execute(client, "SCRIPT", "LOAD", FETCH)
             command, grant = "EVALSHA", "+evalsha"
-            execute(client, "EVALSHA", sha, len(keys), *keys, time.time())
+            # No queue key: reads and writes nothing, but the ACL sees every key.
+            execute(client, "EVALSHA", sha, 4, *keys, *ours, node.id, ms(node.ttl))
         except NoPermissionError as exc:
             return f"the broker's ACL refuses {command} ({exc}; grant {grant})"
         except ResponseError as exc:
@@ -129,8 +147,9 @@ def refusal(channel: Any) -> str | None:
     return None
 
 
-def install(channel: Any) -> bool:
-    """Make ``channel`` (a kombu Redis channel) fetch reliably; return whether it does.
+def install(channel: Any, node: Node) -> bool:
+    """Make ``channel`` (a kombu Redis channel) fetch reliably, recording each message as
+    held by ``node``; return whether it does.
 
     Idempotent. Replaces the channel's ``_brpop_start``/``_brpop_read`` (and the
     ``BRPOP`` handler the poller calls) on this instance only; producers and other
@@ -142,11 +161,11 @@ def install(channel: Any) -> bool:
         return True
     if getattr(channel, "_resilience_fetch_off", None) is not None:
         return False  # refused on this channel already: do not probe again
-    reason = refusal(channel)
+    reason = refusal(channel, node)
     if reason is not None:
         _turn_off(channel, reason)
         return False
-    channel._resilience_fetch = _Fetcher(channel)
+    channel._resilience_fetch = _Fetcher(channel, node)
     channel._brpop_start = types.MethodType(_brpop_start, channel)
     channel._brpop_read = types.MethodType(_brpop_read, channel)
     channel.handlers["BRPOP"] = channel._brpop_read
@@ -168,7 +187,8 @@ def _turn_off(channel: Any, reason: str) -> None:
 class _Fetcher:
     """Per-channel fetch state: the script's SHA, the keys in flight, wait or fetch next."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, node: Node) -> None:
+        self.node = node
         self.sha: str | None = None
         self.prefix: str = channel.global_keyprefix or ""
         self.queues: list[str] = []  # queue name per key of the command in flight
@@ -203,8 +223,14 @@ def _brpop_start(self: Any, timeout: float | None = None) -> None:
             _turn_off(self, f"the broker's ACL refuses SCRIPT LOAD ({exc}; grant +script|load)")
             self._brpop_start(timeout)
             return
-        unacked = [fetcher.prefix + self.unacked_key, fetcher.prefix + self.unacked_index_key]
-        args: list[Any] = ["EVALSHA", sha, len(keys) + 2, *unacked, *keys, time.time()]
+        node = fetcher.node
+        held = [
+            fetcher.prefix + self.unacked_key,
+            fetcher.prefix + self.unacked_index_key,
+            node.held,
+            node.keys.presence,
+        ]
+        args: list[Any] = ["EVALSHA", sha, len(keys) + 4, *held, *keys, node.id, ms(node.ttl)]
         fetcher.waiting = False
     else:
         args = ["BLMOVE", keys[0], keys[0], "RIGHT", "RIGHT", timeout or 0]

@@ -30,7 +30,7 @@ from celery_resilience.leases import keeper
 from celery_resilience.locks import LockKey
 from celery_resilience.options import ResilientOptions
 from celery_resilience.outcome import GiveUp
-from celery_resilience.owners import holder_is_dead, new_owner
+from celery_resilience.owners import holder_is_dead, new_owner, presence_of
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
 
@@ -96,6 +96,14 @@ class Delivery:
     # -- the steps -------------------------------------------------------
 
     def run(self) -> Any:
+        presence = None if self.task.request.is_eager else self.rt.presence
+        if presence is None:
+            return self.run_deliveries()
+        with presence.hold() as presence_id:
+            self.owner = new_owner(self.task.request.hostname or "", self.task_id, presence_id)
+            return self.run_deliveries()
+
+    def run_deliveries(self) -> Any:
         if self.gate.lock is not None:
             try:
                 self.lock_key = self.gate.lock.render(self.args, self.kwargs)
@@ -179,13 +187,18 @@ class Delivery:
                 pause = min(pause * 2, 2.0)
 
     def free_dead_holder(self, holder: str) -> bool:
-        """Release the leases of a holder that is provably dead (see ``owners``).
+        """Release the leases of a holder that is provably dead: its process is gone
+        from this machine (``owners``), or its presence expired (on any machine).
 
-        A child killed on this machine leaves its run and lock leases behind; its
-        task's redelivery would otherwise wait out the whole TTL. Returns True if freed.
+        A killed holder leaves its run and lock leases behind; its task's redelivery
+        would otherwise wait out the whole TTL. Returns True if freed.
         """
         if not holder_is_dead(holder):
-            return False
+            presence, holder_presence = self.rt.presence, presence_of(holder)
+            if presence is None or holder_presence is None:
+                return False
+            if not presence.gone(holder_presence):
+                return False
         if not self.rt.backend.release(self.task_id, self.lock_key, holder):
             return False
         logger.warning(

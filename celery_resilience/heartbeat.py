@@ -1,34 +1,35 @@
-"""The visibility heartbeat: keeps the messages a worker holds from being redelivered.
+"""The visibility heartbeat and liveness: a worker's messages come back when it dies, and
+never while it lives.
 
 kombu's Redis transport records every delivered, unacked message in the sorted set
 ``unacked_index`` scored with its delivery time, and a restore sweep pushes back to its
 queue any entry older than ``visibility_timeout``: a dead worker's messages wait that
 long, and a live worker's message held longer is delivered again. This consumer boot
-step (in the worker's main process, where kombu's QoS lives):
+step (in the worker's main process, where kombu's QoS lives) makes the node a
+:class:`~celery_resilience.liveness.node.Node` of the broker's Redis and, on the
+consumer's timer:
 
-1. every tick, refreshes the score of every message it holds (reserved, running,
-   waiting for its ETA: kombu's ``QoS._delivered``, less the acked) with one
-   ``ZADD ... XX`` to *half a visibility timeout ago*. A held message so never looks
-   older than ``timeout / 2 + tick`` (``3/4`` of the timeout: a quarter to spare), an
-   acked one is never resurrected, and a dead worker's refreshed messages are due
-   ``timeout / 2`` after its last tick instead of a whole timeout;
-2. every sweep interval (``timeout / 20``, 0.05-2 s), refreshes the messages received
-   since, and runs kombu's own restore sweep (``QoS.restore_visible`` under kombu's
-   mutex), so a due message returns within that interval, also on kombu versions whose
-   own sweep scans only every ~100 s;
-3. makes the consumer channel fetch reliably (``celery_resilience.fetch``), so a
-   message is recorded as unacked by the command that pops it; where the server or
-   the broker user's ACL cannot (no ``BLMOVE``, a refused script command), the channel
-   keeps kombu's fetch, with one warning, and the heartbeat runs all the same.
+1. every ``node_ttl / 3`` renews the node's presence;
+2. every tick (``min(visibility_timeout / 4, 30 s)``) moves every message the node
+   holds (reserved, running, waiting for its ETA, or fetched and not yet handed to the
+   consumer) to *half a visibility timeout ago* on the server's clock, so kombu's own
+   restore never fires on it, and forgets the acked ones;
+3. every liveness sweep (``node_ttl / 6``, at most 1 s) recovers the messages of every
+   node whose presence expired (``liveness.recovery``), and every restore sweep
+   (``timeout / 20``, 0.05-2 s) runs kombu's restore by the visibility timeout, on the
+   server's clock, as the backstop for messages no node claims;
+4. makes the consumer channel fetch reliably (``celery_resilience.fetch``), so a
+   message is recorded as unacked and held by this node by the command that pops it;
+   where the server or the broker user's ACL cannot (no ``BLMOVE``, a refused script
+   command), the channel keeps kombu's fetch, with one warning, and records the hold
+   right after.
 
-A tick is ``min(visibility_timeout / 4, 30 s)``. Both run on the consumer's timer (the
-event loop of the prefork and threads pools), except under the solo pool, whose main
-thread runs the tasks and would starve the timer: there they run in a daemon thread.
-A worker SIGKILLed mid-task therefore has its task back on the queue after
-``timeout / 2 - tick`` to ``timeout / 2`` plus one sweep interval (it last refreshed
-up to a tick before dying), and a message received
-less than a sweep interval before the kill after one timeout at most. See
-docs/recovery.md.
+These run on the consumer's timer (the event loop of the prefork and threads pools),
+except under the solo pool, whose main thread runs the tasks and would starve the
+timer: there they run in a daemon thread. When the consumer stops (a warm shutdown
+still finishing its tasks), a thread keeps the presence and refresh going until the
+node holds nothing, then withdraws the presence; a node SIGKILLed meanwhile is
+recovered like any dead node. See docs/recovery.md.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ from typing import Any
 from celery import bootsteps
 from celery.concurrency.solo import TaskPool as SoloPool
 
-from celery_resilience import fetch
-from celery_resilience.runtime import runtime
+from celery_resilience import fetch, liveness
+from celery_resilience.liveness.node import Node, adopt
+from celery_resilience.liveness.recovery import Recovered
+from celery_resilience.plugins import notify
+from celery_resilience.runtime import Runtime, runtime
 
 logger = logging.getLogger(__name__)
 
 MAX_TICK = 30.0  # seconds between ticks at most, whatever the visibility timeout
 MIN_TICK = 0.05
 MAX_SWEEP = 2.0  # seconds between restore sweeps at most
-_CHUNK = 1000  # tags per ZADD
 
 
 def tick_interval(visibility_timeout: float) -> float:
@@ -70,48 +73,19 @@ def is_redis_channel(channel: Any) -> bool:
     return isinstance(channel, kombu_redis.Channel) and bool(channel.ack_emulation)
 
 
-def held_tags(qos: Any) -> list[str]:
-    """Delivery tags of the messages delivered to ``qos`` and not acked yet."""
-    for _ in range(100):  # the consumer's thread may change them meanwhile (solo pool)
-        try:
-            delivered, acked = list(qos._delivered), set(qos._dirty)
-        except RuntimeError:  # changed size during the copy: copy again
-            continue
-        return [tag for tag in delivered if tag not in acked]
-    return []  # never settled: refresh nothing this tick rather than fail
-
-
-def refresh(channel: Any, tags: list[str] | None = None) -> int:
-    """Mark ``tags`` (default: every message ``channel`` holds) as delivered half a
-    timeout ago; return how many.
-
-    ``ZADD XX`` only updates entries still in the index: a message acked or restored
-    meanwhile stays gone. The channel's client applies ``global_keyprefix``.
-    """
-    if tags is None:
-        tags = held_tags(channel.qos)
-    if not tags:
-        return 0
-    now = time.time() - float(channel.visibility_timeout) / 2
-    with channel.conn_or_acquire() as client:
-        pipe = client.pipeline()
-        for start in range(0, len(tags), _CHUNK):
-            chunk = tags[start : start + _CHUNK]
-            pipe.zadd(channel.unacked_index_key, dict.fromkeys(chunk, now), xx=True)
-        pipe.execute()
-    return len(tags)
-
-
 def sweep(channel: Any) -> None:
     """Restore every message unrefreshed for ``visibility_timeout``, as kombu does.
 
-    kombu's own ``restore_visible`` under its ``unacked_mutex``, so sweeps of several
-    workers never restore one message twice; ``interval=1`` makes it scan now.
+    kombu's ``restore_visible`` (on the server's clock once ``adopt``-ed) under its
+    ``unacked_mutex``, so sweeps of several workers never restore one message twice;
+    ``interval=1`` makes it scan now.
     """
     channel.qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
 
 
-def _every(seconds: float, tick: Callable[[], None]) -> Callable[[], None]:
+def _every(
+    seconds: float, tick: Callable[[], None], name: str = "celery-resilience-heartbeat"
+) -> Callable[[], None]:
     """Call ``tick`` every ``seconds`` in a daemon thread; return what stops it."""
     stopped = threading.Event()
 
@@ -119,7 +93,7 @@ def _every(seconds: float, tick: Callable[[], None]) -> Callable[[], None]:
         while not stopped.wait(seconds):
             tick()
 
-    thread = threading.Thread(target=run, name="celery-resilience-heartbeat", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
 
     def stop() -> None:
@@ -130,11 +104,29 @@ def _every(seconds: float, tick: Callable[[], None]) -> Callable[[], None]:
     return stop
 
 
+class _Warnings:
+    """Logs a failing step once per distinct error, and once when it works again."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, str] = {}
+
+    def failed(self, step: str, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if self._last.get(step) != text:
+            self._last[step] = text
+            logger.warning("celery-resilience: %s failed: %s", step, text)
+
+    def worked(self, step: str) -> None:
+        if self._last.pop(step, None) is not None:
+            logger.warning("celery-resilience: %s works again", step)
+
+
 class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer boot step running the heartbeat while the consumer is connected.
+    """Consumer boot step running the heartbeat and liveness while the consumer runs.
 
     Does nothing unless the broker is Redis (kombu's ``redis`` driver, with ack
-    emulation) and ``resilience_visibility_heartbeat`` is not false.
+    emulation) and ``resilience_visibility_heartbeat`` is not false. One node (one
+    presence id) per worker process, kept across consumer restarts.
     """
 
     label = "celery-resilience visibility heartbeat"
@@ -143,43 +135,45 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self._stop: Callable[[], None] | None = None
+        self._node: Node | None = None
+        self._drain: Callable[[], None] | None = None
+        self._warnings = _Warnings()
 
     def start(self, c: Any) -> None:
-        self.stop(c)
-        if runtime(c.app).settings.visibility_heartbeat is False:
+        self._cancel()
+        rt = runtime(c.app)
+        if rt.settings.visibility_heartbeat is False:
             logger.info("celery-resilience: visibility heartbeat off (setting is false)")
             return
         channel = c.task_consumer.channel
         if c.connection.transport.driver_type != "redis" or not is_redis_channel(channel):
             logger.debug("celery-resilience: no visibility heartbeat: the broker is not Redis")
             return
-        reliable = fetch.install(channel)
+        if self._node is None:
+            queues = sorted(q.name for q in c.task_consumer.queues)
+            keys = liveness.keys_of(c.app.conf, rt.settings)
+            self._node = Node(keys, rt.settings.node_ttl, c.hostname, queues)
+        node = self._node
+        adopt(channel, node)
+        reliable = fetch.install(channel, node)
         timeout = float(channel.visibility_timeout)
-        interval, every = tick_interval(timeout), sweep_interval(timeout)
-        next_refresh, refreshed = 0.0, set[str]()
+        plan = {  # step -> seconds between two runs
+            "presence renewal": node.ttl / 3,
+            "visibility refresh": tick_interval(timeout),
+            "liveness sweep": liveness.sweep_interval(node.ttl),
+            "restore sweep": sweep_interval(timeout),
+        }
+        due = dict.fromkeys(plan, 0.0)
 
         def tick() -> None:
-            nonlocal next_refresh, refreshed
-            try:
-                current = c.task_consumer.channel
-                if current is not channel:  # reconnected: a new channel to fetch reliably
-                    fetch.install(current)
-                held = held_tags(current.qos)
-                if time.monotonic() >= next_refresh:
-                    next_refresh = time.monotonic() + interval
-                    count = refresh(current, held)
-                    logger.debug("celery-resilience: heartbeat refreshed %d message(s)", count)
-                else:  # messages received since the last tick: at once, not a tick later
-                    refresh(current, [tag for tag in held if tag not in refreshed])
-                refreshed = set(held)
-                sweep(current)
-            except Exception as exc:
-                logger.warning(
-                    "celery-resilience: visibility heartbeat failed: %s: %s",
-                    type(exc).__name__,
-                    exc,
-                )
+            current = c.task_consumer.channel
+            if current is not None and current.qos is not None:
+                adopt(current, node)  # reconnected: a new channel to adopt and fetch on
+                fetch.install(current, node)
+                self._run(rt, node, current, plan, due)
 
+        every = min(plan["liveness sweep"], plan["restore sweep"])
+        tick()  # register the presence before the first fetch
         if isinstance(c.pool, SoloPool):  # its tasks run in this thread: no timer tick then
             self._stop = _every(every, tick)
             where = "a thread"
@@ -188,19 +182,101 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
             self._stop = lambda: c.timer.cancel(entry)
             where = "the event loop" if c.hub is not None else "the consumer's timer"
         logger.info(
-            "celery-resilience: visibility heartbeat every %g s, restore sweep every %g s in "
-            "%s (visibility timeout %g s, reliable fetch %s)",
-            interval,
-            every,
+            "celery-resilience: node %s: presence TTL %g s, liveness sweep every %g s, "
+            "visibility refresh every %g s in %s (visibility timeout %g s, reliable fetch %s)",
+            node.id,
+            node.ttl,
+            plan["liveness sweep"],
+            plan["visibility refresh"],
             where,
             timeout,
             "on" if reliable else "off",
         )
 
+    def _run(
+        self,
+        rt: Runtime,
+        node: Node,
+        channel: Any,
+        plan: dict[str, float],
+        due: dict[str, float],
+    ) -> None:
+        """Run each step of ``plan`` that is due; a failing step never stops the others."""
+        now = time.monotonic()
+        steps: dict[str, Callable[[Any], Any]] = {
+            "presence renewal": node.renew,
+            "visibility refresh": lambda client: node.refresh(client, *_index_of(channel)),
+            "liveness sweep": lambda client: self._report(rt, node.sweep(client, channel)),
+            "restore sweep": lambda client: sweep(channel),
+        }
+        for step, run in steps.items():
+            if now < due[step]:
+                continue
+            due[step] = now + plan[step]
+            try:
+                with channel.conn_or_acquire() as client:
+                    run(client)
+            except Exception as exc:
+                self._warnings.failed(step, exc)
+            else:
+                self._warnings.worked(step)
+
+    @staticmethod
+    def _report(rt: Runtime, lost: list[Recovered]) -> None:
+        for node in lost:
+            logger.warning(
+                "celery-resilience: node %s (%s) is gone (no presence for %s s): put %d "
+                "message(s) it held back on their queues %s",
+                node.node,
+                node.info.get("nodename", "?"),
+                node.info.get("ttl", "?"),
+                node.messages,
+                dict(node.queues),
+            )
+            notify(
+                rt.plugins,
+                "resilience_node_lost",
+                node=node.node,
+                nodename=str(node.info.get("nodename", "")),
+                recovered=dict(node.queues),
+            )
+
+    def _cancel(self) -> None:
+        for stop in (self._stop, self._drain):
+            if stop is not None:
+                stop()
+        self._stop = self._drain = None
+
     def stop(self, c: Any) -> None:
+        """Stop the timer; keep the presence from a thread until nothing is held."""
+        self._cancel()
+        node, channel = self._node, getattr(c.task_consumer, "channel", None)
+        if node is None or channel is None:
+            return
+        index = _index_of(channel)
+        connect = channel.conn_or_acquire
+
+        def drain() -> None:
+            try:
+                with connect() as client:
+                    node.renew(client)
+                    if node.leave(client, *index):
+                        stop_drain()
+            except Exception as exc:
+                self._warnings.failed("presence renewal", exc)
+
+        stop_drain = _every(node.ttl / 3, drain, name="celery-resilience-drain")
+        self._drain = stop_drain
+        drain()
+
+    def shutdown(self, c: Any) -> None:
+        """The timer stops; a drain thread still running ends with the process."""
         if self._stop is not None:
             stop, self._stop = self._stop, None
             stop()
 
-    def shutdown(self, c: Any) -> None:
-        self.stop(c)
+
+def _index_of(channel: Any) -> tuple[str, float]:
+    """``channel``'s unacked index key (with ``global_keyprefix``) and half its timeout."""
+    index = (channel.global_keyprefix or "") + channel.unacked_index_key
+    return index, float(channel.visibility_timeout) / 2

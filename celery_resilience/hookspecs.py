@@ -105,6 +105,19 @@ def resilience_crash_budget_spent(
 
 
 @hookspec
+def resilience_node_lost(node: str, nodename: str, recovered: dict[str, int]) -> None:
+    """A worker node's presence expired and this node put back what it held.
+
+    Called in the main process of the worker that recovered it (once per lost node:
+    the one whose recovery finished it), after the messages are back on their queues.
+
+    :param node: the lost node's presence id (``node/host/pid/random``).
+    :param nodename: its Celery node name (``celery@host``), or ``""`` if unknown.
+    :param recovered: messages put back, per queue (empty when it held none).
+    """
+
+
+@hookspec
 def resilience_duplicate_suppressed(task_name: str, task_id: str) -> None:
     """A copy of a publish that already succeeded was acked without running."""
 

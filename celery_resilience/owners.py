@@ -1,10 +1,12 @@
-"""Lease owners: who holds a lock, and whether that holder is provably dead.
+"""Lease owners: who holds a lock, and whether that holder is provably dead here.
 
-An owner string names the machine, the process (pid and start time) and the
-delivery. A holder is *provably dead* only when it ran on this same machine
-(same host name) and its process is gone: no process has its pid, or the process
-with that pid started at another time (the pid was reused). A holder on another
-machine is never presumed dead: its lease runs out by itself within one TTL.
+An owner string names the machine, the process (pid and start time), the delivery
+and, when the process keeps one, its presence id (``liveness.holders``). This module
+tells a holder *provably dead* on this same machine (same host name) when its process
+is gone: no process has its pid, or the process with that pid started at another
+time (the pid was reused). A holder on another machine is dead when its presence
+expired (``ProcessPresence.gone``); one without a presence id is never presumed dead
+there: its lease runs out by itself within one TTL.
 """
 
 from __future__ import annotations
@@ -36,18 +38,24 @@ def _start_time(pid: int) -> str:
     return fields[19].decode() if len(fields) > 19 else "-"
 
 
-def new_owner(nodename: str, task_id: str) -> str:
-    """A unique owner string for one delivery of ``task_id`` in this process."""
+def new_owner(nodename: str, task_id: str, presence: str | None = None) -> str:
+    """A unique owner string for one delivery of ``task_id`` in this process, which keeps
+    the presence id ``presence`` (if any) while it holds the leases."""
     pid = os.getpid()
-    return _SEP.join(
-        (socket.gethostname(), str(pid), _start_time(pid), nodename, task_id, secrets.token_hex(4))
-    )
+    host, token = socket.gethostname(), secrets.token_hex(4)
+    return _SEP.join((host, str(pid), _start_time(pid), nodename, task_id, token, presence or ""))
+
+
+def presence_of(owner: str) -> str | None:
+    """The presence id ``owner``'s process keeps, or ``None`` (none, or an older owner)."""
+    parts = owner.split(_SEP)
+    return parts[6] or None if len(parts) == 7 else None
 
 
 def holder_is_dead(owner: str) -> bool:
     """True only if ``owner`` ran on this machine and its process no longer exists."""
     parts = owner.split(_SEP)
-    if len(parts) != 6 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    if len(parts) not in (6, 7) or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return False
     pid, started = int(parts[1]), parts[2]
     if pid == os.getpid():

@@ -15,15 +15,16 @@ from typing import Any
 
 import pluggy
 
+from celery_resilience import liveness
 from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
 from celery_resilience.errors import ConfigurationError
+from celery_resilience.liveness.holders import ProcessPresence
 from celery_resilience.plugins import get_plugin_manager
 from celery_resilience.settings import Settings, load_settings
 from celery_resilience.urls import mask_url
 
 logger = logging.getLogger(__name__)
 
-_REDIS_BROKERS = ("redis://", "rediss://", "sentinel://", "redis+socket://")
 _DEFAULT_VISIBILITY_TIMEOUT = 3600.0  # kombu's Redis transport default, in seconds
 
 
@@ -38,6 +39,7 @@ class Runtime:
     pid: int = field(default_factory=os.getpid)
     _backend: CoordinationBackend | None = None
     _dlq: DeadLetterBackend | None = None
+    _presence: ProcessPresence | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -57,6 +59,21 @@ class Runtime:
                 if self._dlq is None:
                     self._dlq = build_dlq_backend(self.plugins, self.settings)
         return self._dlq
+
+    @property
+    def presence(self) -> ProcessPresence | None:
+        """This process's presence as a lease holder, or ``None`` when the app's workers
+        keep no presence (not a Redis broker, or the heartbeat is off)."""
+        if self._presence is None and liveness.enabled(self.app.conf, self.settings):
+            with self._lock:
+                if self._presence is None:
+                    app, settings = self.app, self.settings
+                    self._presence = ProcessPresence(
+                        lambda: liveness.connect(app),
+                        liveness.keys_of(app.conf, settings),
+                        settings.node_ttl,
+                    )
+        return self._presence
 
     def cap_countdown(self, seconds: float) -> float:
         """Clamp a retry countdown so the broker does not deliver the task twice.
@@ -117,7 +134,7 @@ def _countdown_cap(conf: Any, settings: Settings) -> float | None:
     if settings.visibility_heartbeat is not False:
         return None
     broker = conf.get("broker_url") or ""
-    if not isinstance(broker, str) or not broker.lower().startswith(_REDIS_BROKERS):
+    if not isinstance(broker, str) or not broker.lower().startswith(liveness.REDIS_BROKERS):
         return None
     options = conf.get("broker_transport_options") or {}
     timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)

@@ -26,6 +26,7 @@ class Settings:
     lock_ttl: float = 30.0
     lock_timeout: float = 3600.0
     completion_ttl: float = 3600.0
+    node_ttl: float = 6.0
     dlq_retention: float = 7 * 86400.0
     dlq_max_entries: int = 10_000
     visibility_heartbeat: bool | None = None
@@ -62,6 +63,14 @@ def _as_seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError
     return float(value)
+
+
+def _as_node_ttl(value: Any) -> float:
+    """a number of seconds >= 0.5"""
+    seconds = _as_seconds(value)
+    if seconds < 0.5:
+        raise ValueError
+    return seconds
 
 
 def _as_rate(value: Any) -> float:
@@ -115,6 +124,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "lock_ttl": _as_seconds,
     "lock_timeout": _as_seconds,
     "completion_ttl": _as_seconds,
+    "node_ttl": _as_node_ttl,
     "dlq_retention": _as_seconds,
     "dlq_max_entries": _as_int(1),
     "visibility_heartbeat": _as_bool,

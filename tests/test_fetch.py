@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':Depreca
 @pytest.fixture
 def broker(redis_url: str, key_prefix: str) -> Iterator[Broker]:
     b = Broker(redis_url, key_prefix)
-    assert fetch.install(b.channel)
+    assert fetch.install(b.channel, b.node)
     yield b
     b.close()
 
@@ -58,7 +58,7 @@ def test_messages_arrive_in_order_and_are_recorded_as_unacked_by_the_fetch(
 
 def test_install_is_idempotent(broker: Broker) -> None:
     start = broker.channel._brpop_start
-    assert fetch.install(broker.channel)
+    assert fetch.install(broker.channel, broker.node)
     assert broker.channel._brpop_start == start
     broker.publish("once")
     assert [m.payload for m in broker.consume(1)] == ["once"]
@@ -110,12 +110,14 @@ _DIES_AFTER_FETCH = """
 import os, signal, sys, time
 from kombu import Connection, Consumer, Exchange, Queue
 from celery_resilience import fetch
+from celery_resilience.liveness.keys import Keys
+from celery_resilience.liveness.node import Node
 
 url, prefix, reliable = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 connection = Connection(url, transport_options={"global_keyprefix": prefix})
 channel = connection.channel()
 if reliable:
-    assert fetch.install(channel)
+    assert fetch.install(channel, Node(Keys.of(prefix, "celery_resilience"), 1.0, "dies", []))
 queue = Queue("hbq", Exchange("hbq"), routing_key="hbq")
 send = channel._brpop_start
 
@@ -134,10 +136,11 @@ with Consumer(channel, [queue], callbacks=[print], no_ack=False):
 def test_a_consumer_killed_between_pop_and_reply(
     redis_url: str, key_prefix: str, reliable: bool, recovered: int
 ) -> None:
-    """kombu's BRPOP loses the message; reliable fetch leaves it restorable by a sweep."""
+    """kombu's BRPOP loses the message; reliable fetch leaves it restorable: held by the
+    dead node (recovered once its presence expires) and in the unacked index."""
     survivor = Broker(redis_url, key_prefix)
     try:
-        fetch.install(survivor.channel)
+        fetch.install(survivor.channel, survivor.node)
         survivor.publish("in-flight")
         dead = subprocess.run(
             [
@@ -157,11 +160,19 @@ def test_a_consumer_killed_between_pop_and_reply(
         assert len(survivor.scores()) == recovered
         if not recovered:
             return  # lost: no queue, no unacked entry, nothing any sweep can restore
+        (tag,) = survivor.scores()
+        assert survivor.raw.smembers(survivor.keys.prefix + "held:" + dead_node(survivor)) == {tag}
         survivor.age(*survivor.scores())  # a visibility timeout passes
         sweep(survivor.channel)
         assert [m.payload for m in survivor.consume(1)] == ["in-flight"]
     finally:
         survivor.close()
+
+
+def dead_node(broker: Broker) -> str:
+    """The id of the one node other than ``broker``'s that registered presence."""
+    (node,) = set(broker.raw.zrange(broker.keys.presence, 0, -1)) - {broker.node.id}
+    return node
 
 
 # -- ACL users on a private redis-server ------------------------------------------------
@@ -185,7 +196,7 @@ def test_a_user_without_info_fetches_reliably(
     try:
         with pytest.raises(redis.exceptions.NoPermissionError):
             broker.channel.client.info()
-        assert fetch.install(broker.channel)
+        assert fetch.install(broker.channel, broker.node)
         broker.publish("a")
         (message,) = broker.consume(1)
         assert set(broker.scores()) == {message.delivery_tag}  # recorded by the fetch
@@ -215,8 +226,8 @@ def test_a_refused_command_leaves_kombus_fetch_with_one_warning_naming_it(
     messages; one warning (also for a second channel) names the command and the grant."""
     broker = _acl_broker(acl_redis, key_prefix, "limited", "+@all", refused)
     try:
-        assert fetch.install(broker.channel) is False
-        assert fetch.install(broker.connection.channel()) is False
+        assert fetch.install(broker.channel, broker.node) is False
+        assert fetch.install(broker.connection.channel(), broker.node) is False
         assert "_brpop_start" not in vars(broker.channel)
         broker.publish("a", "b")
         assert [m.payload for m in broker.consume(2)] == ["a", "b"]
@@ -238,7 +249,7 @@ def test_a_command_refused_after_install_falls_back_without_losing_the_message(
     url = acl_user(acl_redis, "changed", "~*", "&*", "+@all")
     broker = Broker(url, key_prefix)
     try:
-        assert fetch.install(broker.channel)
+        assert fetch.install(broker.channel, broker.node)
         acl_user(acl_redis, "changed", "~*", "&*", "+@all", "-rpop")
         broker.publish("kept")
         assert [m.payload for m in broker.consume(1)] == ["kept"]
@@ -258,8 +269,8 @@ def test_the_server_check_leaves_an_existing_unacked_index_as_it_was(
     broker = Broker(redis_url, key_prefix)
     try:
         broker.raw.zadd(broker.key("unacked_index"), {"tag-of-a-dead-worker": LONG_AGO})
-        assert fetch.refusal(broker.channel) is None
-        assert fetch.install(broker.channel)
+        assert fetch.refusal(broker.channel, broker.node) is None
+        assert fetch.install(broker.channel, broker.node)
         assert broker.scores() == {"tag-of-a-dead-worker": LONG_AGO}
     finally:
         broker.close()

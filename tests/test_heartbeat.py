@@ -11,27 +11,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from celery import Celery
-from kombu import Connection
 
-from celery_resilience import Backoff, resilient
+from celery_resilience import fetch
 from celery_resilience.heartbeat import (
     MAX_SWEEP,
     MAX_TICK,
-    held_tags,
-    is_redis_channel,
-    refresh,
     sweep,
     sweep_interval,
     tick_interval,
 )
-from celery_resilience.runtime import runtime
-from tests.recorder import Recorder, recording
+from celery_resilience.liveness.node import adopt
 from tests.support.broker import LONG_AGO, VISIBILITY_TIMEOUT, Broker
 
 # kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
@@ -57,42 +49,73 @@ def test_the_sweep_runs_every_twentieth_of_the_timeout_and_at_least_every_2_s() 
     assert sweep_interval(3600) == MAX_SWEEP == 2
 
 
+def _adopted(broker: Broker) -> Broker:
+    """``broker``'s channel as a worker's heartbeat leaves it: reliable fetch, held by its
+    node, kombu's timing on the server's clock."""
+    adopt(broker.channel, broker.node)
+    assert fetch.install(broker.channel, broker.node)
+    return broker
+
+
+def _refresh(broker: Broker) -> int:
+    return broker.node.refresh(broker.raw, *broker.index())
+
+
+def _server_now(broker: Broker) -> float:
+    seconds, micros = broker.raw.time()
+    return seconds + micros / 1e6
+
+
 def test_refresh_moves_every_held_message_to_half_a_timeout_ago_under_the_global_keyprefix(
     broker: Broker,
 ) -> None:
-    """Held messages get score 'now - timeout/2' in the prefixed unacked_index.
+    """Held messages get score 'now - timeout/2' (the server's now) in the prefixed
+    unacked_index.
 
     A live worker refreshes every quarter timeout, so its messages never reach the
     timeout; a dead worker's are due half a timeout after its last refresh.
     """
-    broker.publish(1, 2, 3)
-    messages = broker.consume(3)
-    tags = [m.delivery_tag for m in messages]
-    assert held_tags(broker.channel.qos) == tags
+    _adopted(broker).publish(1, 2, 3)
+    tags = [m.delivery_tag for m in broker.consume(3)]
+    assert broker.raw.smembers(broker.node.held) == set(tags)
     broker.age(*tags)
 
     half = VISIBILITY_TIMEOUT / 2
-    before = time.time()
-    assert refresh(broker.channel) == 3
+    before = _server_now(broker)
+    assert _refresh(broker) == 3
     scores = broker.scores()
     assert set(scores) == set(tags)
-    assert all(before - half <= s <= time.time() - half for s in scores.values()), scores
+    assert all(before - half <= s <= _server_now(broker) - half for s in scores.values()), scores
     assert not broker.raw.exists("unacked_index"), "an unprefixed key was written"
 
 
+def test_a_fetched_message_is_held_before_the_consumer_sees_it(broker: Broker) -> None:
+    """A message kombu has not handed to the consumer yet (parked for want of prefetch
+    credit) is in the node's held set, so it is refreshed like the others."""
+    _adopted(broker).publish(1)
+    broker.channel.qos._delivered.clear()  # as if kombu had not delivered it yet
+    (message,) = broker.consume(1)
+    broker.channel.qos._delivered.clear()
+    broker.age(message.delivery_tag)
+    assert _refresh(broker) == 1
+    assert broker.scores()[message.delivery_tag] > LONG_AGO
+
+
 def test_refresh_never_resurrects_an_acked_or_restored_message(broker: Broker) -> None:
-    """ZADD XX: a tag acked here, or restored by another worker's sweep, stays out."""
-    broker.publish(1, 2, 3)
+    """ZADD XX: a tag acked here, or restored by another worker's sweep, stays out, and
+    leaves the node's held set."""
+    _adopted(broker).publish(1, 2, 3)
     acked, restored, held = broker.consume(3)
     acked.ack()
     broker.raw.zrem(broker.key("unacked_index"), restored.delivery_tag)  # as a sweep does
 
-    assert refresh(broker.channel) == 2  # held and restored: this worker still holds both
+    assert _refresh(broker) == 1
     assert set(broker.scores()) == {held.delivery_tag}
+    assert broker.raw.smembers(broker.node.held) == {held.delivery_tag}
 
 
 def test_refresh_with_nothing_held_sends_nothing(broker: Broker) -> None:
-    assert refresh(broker.channel) == 0
+    assert _refresh(broker) == 0
     assert broker.scores() == {}
 
 
@@ -106,10 +129,11 @@ def test_custom_unacked_keys_are_used(redis_url: str, key_prefix: str) -> None:
         unacked_mutex_key="my_mutex",
     )
     try:
-        b.publish(1)
+        _adopted(b).publish(1)
         (message,) = b.consume(1)
+        assert b.raw.hexists(b.key("my_unacked"), message.delivery_tag)
         b.age(message.delivery_tag, index="my_index")
-        assert refresh(b.channel) == 1
+        assert _refresh(b) == 1
         assert b.scores("my_index")[message.delivery_tag] > LONG_AGO
         assert not b.raw.exists(b.key("unacked_index"))
 
@@ -138,7 +162,8 @@ with Connection(url, transport_options=options) as connection:
 
 
 def test_sweep_restores_a_dead_consumers_message_and_keeps_the_held_ones(broker: Broker) -> None:
-    """A process SIGKILLed holding a message: the sweep requeues it once it is a timeout old."""
+    """A plain kombu consumer (no presence) SIGKILLed holding a message: the restore sweep
+    requeues it once it is a timeout old, as kombu would."""
     broker.publish("theirs")
     dead = subprocess.run(
         [sys.executable, "-c", _DIES_HOLDING, broker.url, broker.prefix, str(VISIBILITY_TIMEOUT)],
@@ -150,81 +175,39 @@ def test_sweep_restores_a_dead_consumers_message_and_keeps_the_held_ones(broker:
     dead_tag = dead.stdout.strip()
     assert set(broker.scores()) == {dead_tag}
 
-    broker.publish("ours")
+    _adopted(broker).publish("ours")
     (ours,) = broker.consume(1)
     sweep(broker.channel)  # both younger than the timeout: nothing moves
     assert set(broker.scores()) == {dead_tag, ours.delivery_tag}
 
     broker.age(dead_tag, ours.delivery_tag)  # a timeout passes ...
-    refresh(broker.channel)  # ... during which this consumer's heartbeat ran
+    _refresh(broker)  # ... during which this consumer's heartbeat ran
     sweep(broker.channel)
     assert set(broker.scores()) == {ours.delivery_tag}
     broker.consume(2)
     assert [m.payload for m in broker.received] == ["ours", "theirs"]
 
 
-def test_only_a_redis_channel_with_ack_emulation_has_a_heartbeat(
-    redis_url: str, key_prefix: str
+def test_a_node_whose_clock_is_ahead_restores_nothing_held(
+    redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with Connection("memory://") as memory:
-        assert not is_redis_channel(memory.default_channel)
-    without_acks = Broker(redis_url, key_prefix, ack_emulation=False)
+    """kombu scores and sweeps with the worker's clock: 40 s ahead under a 30 s timeout,
+    its own sweep restores a message another node received a moment ago. Adopted, every
+    time is the server's."""
+    import kombu.transport.redis as kombu_redis
+
+    broker = Broker(redis_url, key_prefix, visibility_timeout=30)
     try:
-        assert not is_redis_channel(without_acks.channel)
+        broker.publish("held elsewhere")
+        broker.consume(1)  # held by a plain consumer, scored just now
+        ahead = time.time() + 40
+        monkeypatch.setattr(kombu_redis, "time", lambda: ahead)
+        broker.channel.qos.restore_visible(num=10, interval=1)  # kombu's own, 40 s ahead
+        assert broker.scores() == {}, "kombu's sweep restored it: the premise of the test"
+
+        (again,) = broker.consume(2)[1:]
+        _adopted(broker)
+        sweep(broker.channel)  # adopted: on the server's clock nothing is a timeout old
+        assert set(broker.scores()) == {again.delivery_tag}
     finally:
-        without_acks.close()
-    with_acks = Broker(redis_url, key_prefix)
-    try:
-        assert is_redis_channel(with_acks.channel)
-    finally:
-        with_acks.close()
-
-
-def _app(**conf: Any) -> Celery:
-    app = Celery(f"t{uuid.uuid4().hex[:6]}", set_as_current=False)
-    app.conf.update(
-        broker_transport_options={"visibility_timeout": 10},
-        resilience_url="memory://",
-        **conf,
-    )
-    return app
-
-
-@pytest.mark.parametrize(
-    ("conf", "cap"),
-    [
-        ({"broker_url": "redis://h/0"}, None),  # heartbeat on by default: no cap
-        ({"broker_url": "redis://h/0", "resilience_visibility_heartbeat": True}, None),
-        ({"broker_url": "redis://h/0", "resilience_visibility_heartbeat": False}, 5.0),
-        ({"broker_url": "sentinel://h:26379", "resilience_visibility_heartbeat": False}, 5.0),
-        ({"broker_url": "amqp://h//", "resilience_visibility_heartbeat": False}, None),
-    ],
-)
-def test_countdowns_are_capped_only_with_a_redis_broker_and_the_heartbeat_off(
-    conf: dict[str, Any], cap: float | None
-) -> None:
-    rt = runtime(_app(**conf))
-    assert rt.countdown_cap == cap
-    assert rt.cap_countdown(600) == (600 if cap is None else cap)
-
-
-@pytest.mark.parametrize(("heartbeat", "countdown"), [(None, 60.0), (False, 5.0)])
-def test_a_retry_waits_its_whole_backoff_unless_the_heartbeat_is_off(
-    heartbeat: bool | None, countdown: float
-) -> None:
-    """Through the gate: a 60 s backoff under a 10 s visibility timeout."""
-    app = _app(
-        task_always_eager=True,
-        broker_url="redis://127.0.0.1:6379/0",
-        resilience_visibility_heartbeat=heartbeat,
-    )
-
-    @resilient(max_retries=1, retry_on=(ValueError,), backoff=Backoff(base=60, jitter="none"))
-    @app.task(shared=False)
-    def slow_retry() -> None:
-        raise ValueError("again")
-
-    recorder: Recorder
-    with recording() as recorder, pytest.raises(ValueError, match="again"):
-        slow_retry.delay().get()
-    assert [r["countdown"] for r in recorder.of("retry_scheduled")] == [countdown]
+        broker.close()

@@ -85,6 +85,15 @@ METRICS: dict[str, MetricSpec] = {
             "Dead letters dropped to keep within resilience_dlq_max_entries.",
         ),
         MetricSpec(
+            "celery_resilience_nodes_lost_total", "celery_resilience.nodes_lost", "counter",
+            (), "{node}", "Worker nodes whose presence expired and whose messages came back.",
+        ),
+        MetricSpec(
+            "celery_resilience_messages_recovered_total", "celery_resilience.messages_recovered",
+            "counter", ("queue",), "{message}",
+            "Messages a lost node held, put back on their queue by a live node.",
+        ),
+        MetricSpec(
             "celery_resilience_dlq_entries", "celery_resilience.dlq.entries", "gauge",
             ("task",), "{entry}",
             "Dead letters within retention, per task name (read every 5 s at most).",

@@ -72,8 +72,9 @@ class _Instruments:
             wait.otel, wait.unit, wait.help, explicit_bucket_boundaries_advisory=LOCK_WAIT_BUCKETS
         )
 
-    def add(self, key: str, task_name: str, amount: int = 1, **attributes: str) -> None:
-        self.counters[key].add(amount, {"task": task_name, **attributes})
+    def add(self, key: str, task_name: str | None, amount: int = 1, **attributes: str) -> None:
+        task = {} if task_name is None else {"task": task_name}
+        self.counters[key].add(amount, {**task, **attributes})
 
 
 class OtelExporter:
@@ -154,6 +155,14 @@ class OtelExporter:
     def resilience_duplicate_suppressed(self, task_name: str) -> None:
         if (i := self.instruments()) is not None:
             i.add("duplicates_suppressed", task_name)
+
+    @hookimpl
+    def resilience_node_lost(self, recovered: dict[str, int]) -> None:
+        if (i := self.instruments()) is None:
+            return
+        i.add("nodes_lost", None)
+        for queue, count in recovered.items():
+            i.add("messages_recovered", None, count, queue=queue)
 
     @hookimpl
     def resilience_task_gave_up(self, outcome: GiveUp) -> None:

@@ -74,7 +74,8 @@ class _Metrics:
         )
 
     def inc(self, key: str, *labels: str, amount: float = 1) -> None:
-        self.counters[key].labels(*labels).inc(amount)
+        counter = self.counters[key]
+        (counter.labels(*labels) if labels else counter).inc(amount)
 
 
 class PrometheusExporter:
@@ -125,6 +126,13 @@ class PrometheusExporter:
     def resilience_duplicate_suppressed(self, task_name: str) -> None:
         if (m := self.metrics()) is not None:
             m.inc("duplicates_suppressed", task_name)
+
+    @hookimpl
+    def resilience_node_lost(self, recovered: dict[str, int]) -> None:
+        if (m := self.metrics()) is not None:
+            m.inc("nodes_lost")
+            for queue, count in recovered.items():
+                m.inc("messages_recovered", queue, amount=count)
 
     @hookimpl
     def resilience_task_gave_up(self, outcome: GiveUp) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ QUEUE = "HB_QUEUE"
 VISIBILITY_TIMEOUT = "HB_VISIBILITY_TIMEOUT"
 HEARTBEAT = "HB_HEARTBEAT"  # "on" or "off"
 FAST_SWEEP = "HB_FAST_SWEEP"  # "1": kombu's own restore sweep every second (kombu >= 5.7)
+NODE_TTL = "HB_NODE_TTL"  # resilience_node_ttl, seconds
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "hbtest:unconfigured"
@@ -64,23 +64,38 @@ def create_app(env: Mapping[str, str]) -> Celery:
         resilience_url=url,
         resilience_visibility_heartbeat=env.get(HEARTBEAT, "on") != "off",
     )
+    if NODE_TTL in env:
+        app.conf.resilience_node_ttl = float(env[NODE_TTL])
 
     def debug_heartbeat(**_: Any) -> None:
         logging.getLogger("celery_resilience.heartbeat").setLevel(logging.DEBUG)
 
     signals.after_setup_logger.connect(debug_heartbeat, weak=False)
 
-    @resilient(max_retries=0)
-    @app.task(bind=True, shared=False, name="hb.held")
-    def held(self: Any, tag: str, seconds: float) -> str:
-        """Records its start, then runs ``seconds`` or until the test releases it."""
+    def hold(request: Any, tag: str, seconds: float) -> str:
+        """Record a start (on the server's clock), run ``seconds`` or until released."""
         r = client()
-        node = str(self.request.hostname).split("@")[0]
-        r.rpush(record_key(prefix, tag, "starts"), f"{node} {os.getpid()} {time.time():.3f}")
+        node = str(request.hostname).split("@")[0]
+        seconds_, micros = r.time()
+        r.rpush(record_key(prefix, tag, "starts"), f"{node} {os.getpid()} {seconds_}.{micros:06d}")
         if seconds > 0:
             r.blpop([record_key(prefix, tag, "release")], timeout=seconds)
         r.rpush(record_key(prefix, tag, "completions"), f"{node} {socket.gethostname()}")
         return "done"
+
+    @resilient(max_retries=0)
+    @app.task(bind=True, shared=False, name="hb.held")
+    def held(self: Any, tag: str, seconds: float) -> str:
+        """Records its start, then runs ``seconds`` or until the test releases it."""
+        return hold(self.request, tag, seconds)
+
+    # A lease that outlives a dead holder by 40 s or more: recovery faster than that
+    # freed it because its holder's presence expired, not by its TTL.
+    @resilient(max_retries=0, lock="{key}", lock_ttl=60)
+    @app.task(bind=True, shared=False, name="hb.locked")
+    def locked(self: Any, tag: str, key: str, seconds: float) -> str:
+        """``held`` under the lock ``key``."""
+        return hold(self.request, tag, seconds)
 
     return app
 

@@ -16,120 +16,20 @@ sweep would.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 
-from tests.support.workers import (
-    WorkerNode,
-    delete_keys,
-    inherited_environment,
-    restore_sweeper,
-)
-
-from . import heartbeat_app as hb
 from .harness import wait_until
+from .heartbeat_cluster import HeartbeatCluster
 
 pytestmark = pytest.mark.integration
 
 VT = 4.0  # the visibility timeout of every cluster, seconds
 HELD_S = 3 * VT  # how long the held tasks run, or wait for their ETA
 READY_TIMEOUT_S = 30.0
-
-
-class HeartbeatCluster:
-    """Two nodes sharing one queue and one Redis prefix, and a client app to publish."""
-
-    def __init__(
-        self, label: str, redis_url: str, logdir: Path, *, heartbeat: str, fast_sweep: bool
-    ) -> None:
-        run = uuid.uuid4().hex[:10]
-        self.label = label
-        self.prefix = f"hbtest:{run}"
-        self.env = {
-            **inherited_environment(),
-            hb.PREFIX: self.prefix,
-            hb.REDIS_URL: redis_url,
-            hb.QUEUE: f"hbtest.{run}",
-            hb.VISIBILITY_TIMEOUT: str(VT),
-            hb.HEARTBEAT: heartbeat,
-            hb.FAST_SWEEP: "1" if fast_sweep else "0",
-        }
-        self.redis_url = redis_url
-        self.logdir = logdir
-        self.app = hb.create_app(self.env)
-        self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.nodes: list[WorkerNode] = []
-
-    def spawn(self, *pools: str) -> None:
-        for n, pool in enumerate(pools, 1):
-            name = f"{self.label}{n}-{pool}-{self.prefix[-6:]}"
-            self.nodes.append(
-                WorkerNode(
-                    hb,
-                    name,
-                    self.env,
-                    self.logdir,
-                    queue=self.env[hb.QUEUE],
-                    pool=pool,
-                    concurrency=1,
-                )
-            )
-
-    def node(self, name: str) -> WorkerNode:
-        (node,) = [n for n in self.nodes if n.name == name]
-        return node
-
-    def send(self, tag: str, seconds: float, **options: Any) -> str:
-        """Publish ``hb.held``; return its task id."""
-        return str(self.app.tasks["hb.held"].apply_async((tag, seconds), **options).id)
-
-    def deliveries(self, task_id: str) -> int:
-        """How many times the nodes received ``task_id`` (a copy suppressed as a
-        duplicate does not start its body, but is received again)."""
-        return sum(node.text().count(f"hb.held[{task_id}] received") for node in self.nodes)
-
-    def starts(self, tag: str) -> list[tuple[str, float]]:
-        """(node, time) of each start of test ``tag``'s body, in order."""
-        rows = self.redis.lrange(hb.record_key(self.prefix, tag, "starts"), 0, -1)
-        return [(node, float(at)) for node, _pid, at in (row.split() for row in rows)]
-
-    def completions(self, tag: str) -> list[str]:
-        rows = self.redis.lrange(hb.record_key(self.prefix, tag, "completions"), 0, -1)
-        return [row.split()[0] for row in rows]
-
-    def release(self, tag: str, times: int = 1) -> None:
-        self.redis.rpush(hb.record_key(self.prefix, tag, "release"), *["go"] * times)
-
-    def settled(self) -> bool:
-        """Nothing queued and nothing unacked: no message can start a body any more."""
-        broker = f"{self.prefix}:broker:"
-        queue = self.env[hb.QUEUE]
-        return not self.redis.llen(broker + queue) and not self.redis.hlen(broker + "unacked")
-
-    def sweeping(self) -> contextlib.AbstractContextManager[list[BaseException]]:
-        """Run kombu's restore sweep every 0.25 s from this process; yields its errors."""
-        return restore_sweeper(
-            self.redis_url, hb.broker_options(self.env), 0.25, f"sweeper-{self.label}"
-        )
-
-    def report(self, *tags: str) -> str:
-        lines = [f"cluster {self.label}: prefix {self.prefix}"]
-        lines += [f"{tag}: starts={self.starts(tag)} done={self.completions(tag)}" for tag in tags]
-        return "\n".join([*lines, *(node.report(60) for node in self.nodes)])
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        delete_keys(self.redis, f"{self.prefix}:*")
-        self.redis.close()
-        self.app.close()
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +95,7 @@ def test_tasks_held_longer_than_the_visibility_timeout_start_once_with_the_heart
     runners = {cluster.starts(tag)[0][0] for tag in (first, second)}
     assert runners == {node.name for node in cluster.nodes}, report
     prefork, solo = cluster.nodes
-    started = "visibility heartbeat every 1 s, restore sweep every 0.2 s in"
+    started = "liveness sweep every 1 s, visibility refresh every 1 s in"
     assert f"{started} the event loop (visibility timeout 4 s, reliable fetch on)" in prefork.text()
     assert f"{started} a thread (visibility timeout 4 s, reliable fetch on)" in solo.text()
 

@@ -8,6 +8,9 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.message import Message
 
+from celery_resilience.liveness.keys import Keys
+from celery_resilience.liveness.node import Node
+
 VISIBILITY_TIMEOUT = 60
 LONG_AGO = 1_000.0  # a score older than any visibility timeout
 
@@ -15,7 +18,7 @@ LONG_AGO = 1_000.0  # a score older than any visibility timeout
 class Broker:
     """A kombu connection to the real Redis, every key under one ``global_keyprefix``."""
 
-    def __init__(self, url: str, prefix: str, **options: Any) -> None:
+    def __init__(self, url: str, prefix: str, *, node_ttl: float = 6.0, **options: Any) -> None:
         self.url = url
         self.options = {
             "global_keyprefix": f"{prefix}:",
@@ -29,6 +32,9 @@ class Broker:
         self.received: list[Message] = []
         self.consumer: Consumer | None = None
         self.raw: redis.Redis[str] = redis.Redis.from_url(url, decode_responses=True)
+        self.keys = Keys.of(self.prefix, "celery_resilience")
+        # The node this consumer would be in a worker (fetch.install and adopt take it).
+        self.node = Node(self.keys, node_ttl, f"test@{prefix}", ["hbq"])
 
     def publish(self, *bodies: object) -> None:
         producer = Producer(self.channel)
@@ -61,6 +67,12 @@ class Broker:
     def age(self, *tags: str, index: str = "unacked_index") -> None:
         """Make ``tags`` look delivered long ago (as a restore sweep sees them)."""
         self.raw.zadd(self.key(index), dict.fromkeys(tags, LONG_AGO), xx=True)
+
+    def index(self) -> tuple[str, float]:
+        """The real unacked index key and half the visibility timeout (for ``refresh``)."""
+        return self.key(self.options.get("unacked_index_key", "unacked_index")), float(
+            self.options["visibility_timeout"]
+        ) / 2
 
     def close(self) -> None:
         self.channel.qos._delivered.clear()  # do not restore at close: the test decides

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -126,6 +126,7 @@ class WorkerNode:
         concurrency: int = 2,
         stop_timeout: float = 10.0,
         preamble: str | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
@@ -143,7 +144,7 @@ class WorkerNode:
         )  # fmt: skip
         with self.output.open("wb") as out:
             self.process = subprocess.Popen(
-                command,
+                [*wrap, *command],
                 env=command_environment(app_module, env),
                 cwd=import_root(app_module),
                 stdin=subprocess.DEVNULL,

@@ -1,0 +1,230 @@
+"""Liveness on a real Redis broker, without workers: presence, recovery, lease holders.
+
+Each node is a kombu connection consuming as a worker's consumer does, adopted by a
+:class:`~celery_resilience.liveness.node.Node` (reliable fetch, held set, server
+clock). A node "dies" by no longer renewing; its presence TTL is short (0.5 s) so the
+tests wait little. Whole workers SIGKILLed on other host names are in
+tests/integration/test_liveness_recovery.py and the chaos suite.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from celery_resilience import fetch
+from celery_resilience.liveness.holders import ProcessPresence
+from celery_resilience.liveness.keys import script
+from celery_resilience.liveness.node import adopt
+from celery_resilience.liveness.recovery import Recovered
+from celery_resilience.owners import new_owner, presence_of
+from tests.support.broker import Broker
+
+pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
+
+TTL = 0.5  # seconds of presence of every node here
+
+
+@pytest.fixture
+def nodes(redis_url: str, key_prefix: str) -> Iterator[Callable[[], Broker]]:
+    """Make adopted nodes (kombu consumers) on one queue; all closed afterwards."""
+    made: list[Broker] = []
+
+    def make() -> Broker:
+        broker = Broker(redis_url, key_prefix, node_ttl=TTL)
+        adopt(broker.channel, broker.node)
+        assert fetch.install(broker.channel, broker.node)
+        broker.node.renew(broker.raw)
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+def sweep_for(node: Broker, seconds: float, *alive: Broker) -> list[Recovered]:
+    """Run ``node``'s liveness sweep every TTL/6 for ``seconds``, renewing its presence
+    and that of the ``alive`` nodes."""
+    lost: list[Recovered] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for each in (node, *alive):
+            each.node.renew(each.raw)
+        lost += node.node.sweep(node.raw, node.channel)
+        time.sleep(TTL / 6)
+    return lost
+
+
+def queued(broker: Broker) -> list[dict[str, Any]]:
+    return [json.loads(m) for m in broker.raw.lrange(broker.key("hbq"), 0, -1)]
+
+
+def test_a_dead_nodes_messages_go_back_to_their_queue_once(nodes: Callable[[], Broker]) -> None:
+    """Once its presence expires, every message the dead node held is queued again,
+    marked redelivered, out of kombu's unacked keys, and the node is recorded as lost."""
+    dead, live = nodes(), nodes()
+    dead.publish(1, 2, 3)
+    tags = {m.delivery_tag for m in dead.consume(3)}
+
+    lost = sweep_for(live, 4 * TTL)
+
+    assert [(r.node, dict(r.queues)) for r in lost] == [(dead.node.id, {"hbq": 3})]
+    back = queued(live)
+    assert {m["properties"]["delivery_tag"] for m in back} == tags
+    assert all(m["headers"]["redelivered"] for m in back)
+    assert live.raw.hlen(live.key("unacked")) == 0
+    assert live.scores() == {}
+    assert not live.raw.exists(dead.node.held)
+    assert dead.node.id not in live.raw.zrange(live.keys.presence, 0, -1)
+    (record,) = [json.loads(r) for r in live.raw.lrange(live.keys.lost, 0, -1)]
+    assert record["node"] == dead.node.id
+    assert record["nodename"] == json.loads(dead.node.info)["nodename"]
+    assert record["recovered"] == {"hbq": 3}
+
+
+def test_a_live_node_keeps_what_it_holds(nodes: Callable[[], Broker]) -> None:
+    """A node that keeps renewing is never recovered, however long it holds a message."""
+    holder, sweeper = nodes(), nodes()
+    holder.publish("mine")
+    holder.consume(1)
+    assert sweep_for(sweeper, 6 * TTL, holder) == []
+    assert queued(sweeper) == []
+    assert len(sweeper.scores()) == 1
+
+
+def test_a_consumer_without_presence_is_left_to_kombu(
+    redis_url: str, key_prefix: str, nodes: Callable[[], Broker]
+) -> None:
+    """Mixed fleet: a plain kombu consumer's message is never recovered by liveness."""
+    plain = Broker(redis_url, key_prefix)
+    try:
+        plain.publish("plain")
+        (message,) = plain.consume(1)
+        assert sweep_for(nodes(), 6 * TTL) == []
+        assert set(plain.scores()) == {message.delivery_tag}
+        assert plain.raw.llen(plain.key("hbq")) == 0
+    finally:
+        plain.close()
+
+
+def test_concurrent_sweepers_restore_each_message_once(nodes: Callable[[], Broker]) -> None:
+    """Three live nodes recover a dead one holding 1,200 messages at the same moment,
+    while kombu's own restore sweep runs on the same messages: each is queued once."""
+    dead = nodes()
+    sweepers = [nodes() for _ in range(3)]
+    dead.publish(*range(1200))
+    dead.consume(1200)
+    time.sleep(TTL * 1.5)
+    for s in sweepers:  # a fresh sweep clock: no stall grace
+        script("due")(s.raw, [s.keys.presence, s.keys.clock], [1000, 1])
+    dead.age(*dead.scores())  # kombu's visibility sweep finds them all due, too
+    results: list[list[Recovered]] = []
+    errors: list[BaseException] = []
+
+    def run(target: Callable[[], Any]) -> threading.Thread:
+        def body() -> None:
+            try:
+                results.append(target())
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    threads = [run(lambda s=s: s.node.sweep(s.raw, s.channel)) for s in sweepers]
+    threads.append(run(lambda: [dead.channel.qos.restore_visible(num=2000, interval=1)]))
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    sweep_for(sweepers[0], 2 * TTL)  # whatever the first pass left
+
+    bodies = sorted(json.loads(_body(m)) for m in queued(dead))
+    assert bodies == list(range(1200))
+    assert dead.raw.hlen(dead.key("unacked")) == 0
+
+
+def _body(message: dict[str, Any]) -> str:
+    import base64
+
+    body = message["body"]
+    if message["properties"].get("body_encoding") == "base64":
+        return base64.b64decode(body).decode()
+    return str(body)
+
+
+def test_no_node_is_presumed_dead_after_the_server_was_away(nodes: Callable[[], Broker]) -> None:
+    """When no node swept for longer than a TTL (the server was stopped or unreachable),
+    nobody could renew: the next sweep gives every node one more TTL instead."""
+    paused, live = nodes(), nodes()
+    paused.publish("kept")
+    paused.consume(1)
+    live.raw.set(live.keys.clock, 0)  # the last sweep was long ago
+    time.sleep(TTL * 1.5)  # ... and every presence expired meanwhile
+    assert live.node.sweep(live.raw, live.channel) == []
+    assert sweep_for(live, 4 * TTL, paused) == []  # back within the TTL it was given
+    assert queued(live) == []
+
+
+def test_a_node_presumed_dead_says_so_when_it_renews(
+    nodes: Callable[[], Broker], caplog: pytest.LogCaptureFixture
+) -> None:
+    stalled, live = nodes(), nodes()
+    stalled.publish("taken")
+    stalled.consume(1)
+    assert len(sweep_for(live, 4 * TTL)) == 1
+    stalled.node.renew(stalled.raw)
+    assert "other nodes took back the messages it held" in caplog.text
+
+
+def test_a_lease_holder_is_gone_once_its_presence_expired(
+    nodes: Callable[[], Broker], key_prefix: str
+) -> None:
+    """While a process holds leases it is present; after it stops, its presence lapses
+    and a live node's sweeps make that provable."""
+    live = nodes()
+    holder = ProcessPresence(lambda: live.raw, live.keys, TTL)
+    checker = ProcessPresence(lambda: live.raw, live.keys, TTL)
+    with holder.hold() as presence_id:
+        assert presence_id == holder.id
+        sweep_for(live, 3 * TTL)  # the holder's thread renews meanwhile
+        assert not checker.gone(holder.id)
+    sweep_for(live, 3 * TTL)
+    assert checker.gone(holder.id)
+
+
+def test_a_holder_is_not_presumed_gone_without_recent_sweeps(nodes: Callable[[], Broker]) -> None:
+    live = nodes()
+    holder = ProcessPresence(lambda: live.raw, live.keys, TTL)
+    with holder.hold():
+        pass
+    time.sleep(TTL * 1.5)
+    live.raw.set(live.keys.clock, 0)  # nobody swept for long: the server may have been away
+    assert not holder.gone(holder.id)
+
+
+def test_an_unreachable_broker_never_makes_a_holder_gone(key_prefix: str) -> None:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from celery_resilience.liveness.keys import Keys
+
+    client = redis.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    presence = ProcessPresence(lambda: client, Keys.of(None, key_prefix), TTL)
+    with presence.hold() as presence_id:
+        assert presence_id is None  # not written: owners carry no presence id
+    assert not presence.gone("proc/elsewhere/1/abcd")
+
+
+def test_owners_carry_the_presence_of_their_process() -> None:
+    owner = new_owner("celery@a", "task-1", "proc/a/12/beef")
+    assert presence_of(owner) == "proc/a/12/beef"
+    assert presence_of(new_owner("celery@a", "task-1")) is None
+    assert presence_of("host|1|2|celery@a|task-1|beef") is None  # an older owner
