@@ -121,6 +121,70 @@ class _Warnings:
             logger.warning("celery-resilience: %s works again", step)
 
 
+class Ticker:
+    """What the heartbeat runs on each tick of the timer for ``node``: every step that is
+    due, each on its own schedule; a failing step is logged and never stops the others.
+
+    Steps, and the seconds between two runs of each: presence renewal (``ttl / 3``),
+    visibility refresh (``tick_interval``), liveness sweep (``liveness.sweep_interval``;
+    a lost node is logged and reported to the ``resilience_node_lost`` hook), restore
+    sweep (``sweep_interval``).
+    """
+
+    def __init__(self, rt: Runtime, node: Node, visibility_timeout: float) -> None:
+        self.rt, self.node = rt, node
+        self.plan = {
+            "presence renewal": node.ttl / 3,
+            "visibility refresh": tick_interval(visibility_timeout),
+            "liveness sweep": liveness.sweep_interval(node.ttl),
+            "restore sweep": sweep_interval(visibility_timeout),
+        }
+        self.every = min(self.plan["liveness sweep"], self.plan["restore sweep"])
+        self.warnings = _Warnings()
+        self._due = dict.fromkeys(self.plan, 0.0)
+
+    def __call__(self, channel: Any) -> None:
+        """Run the due steps on ``channel`` (the consumer's, adopted by ``node``)."""
+        node = self.node
+        steps: dict[str, Callable[[Any], Any]] = {
+            "presence renewal": node.renew,
+            "visibility refresh": lambda client: node.refresh(client, *_index_of(channel)),
+            "liveness sweep": lambda client: self._report(node.sweep(client, channel)),
+            "restore sweep": lambda client: sweep(channel),
+        }
+        now = time.monotonic()
+        for step, run in steps.items():
+            if now < self._due[step]:
+                continue
+            self._due[step] = now + self.plan[step]
+            try:
+                with channel.conn_or_acquire() as client:
+                    run(client)
+            except Exception as exc:
+                self.warnings.failed(step, exc)
+            else:
+                self.warnings.worked(step)
+
+    def _report(self, lost: list[Recovered]) -> None:
+        for node in lost:
+            logger.warning(
+                "celery-resilience: node %s (%s) is gone (no presence for %s s): put %d "
+                "message(s) it held back on their queues %s",
+                node.node,
+                node.info.get("nodename", "?"),
+                node.info.get("ttl", "?"),
+                node.messages,
+                dict(node.queues),
+            )
+            notify(
+                self.rt.plugins,
+                "resilience_node_lost",
+                node=node.node,
+                nodename=str(node.info.get("nodename", "")),
+                recovered=dict(node.queues),
+            )
+
+
 class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumer boot step running the heartbeat and liveness while the consumer runs.
 
@@ -157,28 +221,22 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         adopt(channel, node)
         reliable = fetch.install(channel, node)
         timeout = float(channel.visibility_timeout)
-        plan = {  # step -> seconds between two runs
-            "presence renewal": node.ttl / 3,
-            "visibility refresh": tick_interval(timeout),
-            "liveness sweep": liveness.sweep_interval(node.ttl),
-            "restore sweep": sweep_interval(timeout),
-        }
-        due = dict.fromkeys(plan, 0.0)
+        ticker = Ticker(rt, node, timeout)
+        ticker.warnings = self._warnings
 
         def tick() -> None:
             current = c.task_consumer.channel
             if current is not None and current.qos is not None:
                 adopt(current, node)  # reconnected: a new channel to adopt and fetch on
                 fetch.install(current, node)
-                self._run(rt, node, current, plan, due)
+                ticker(current)
 
-        every = min(plan["liveness sweep"], plan["restore sweep"])
         tick()  # register the presence before the first fetch
         if isinstance(c.pool, SoloPool):  # its tasks run in this thread: no timer tick then
-            self._stop = _every(every, tick)
+            self._stop = _every(ticker.every, tick)
             where = "a thread"
         else:
-            entry = c.timer.call_repeatedly(every, tick)
+            entry = c.timer.call_repeatedly(ticker.every, tick)
             self._stop = lambda: c.timer.cancel(entry)
             where = "the event loop" if c.hub is not None else "the consumer's timer"
         logger.info(
@@ -186,60 +244,12 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
             "visibility refresh every %g s in %s (visibility timeout %g s, reliable fetch %s)",
             node.id,
             node.ttl,
-            plan["liveness sweep"],
-            plan["visibility refresh"],
+            ticker.plan["liveness sweep"],
+            ticker.plan["visibility refresh"],
             where,
             timeout,
             "on" if reliable else "off",
         )
-
-    def _run(
-        self,
-        rt: Runtime,
-        node: Node,
-        channel: Any,
-        plan: dict[str, float],
-        due: dict[str, float],
-    ) -> None:
-        """Run each step of ``plan`` that is due; a failing step never stops the others."""
-        now = time.monotonic()
-        steps: dict[str, Callable[[Any], Any]] = {
-            "presence renewal": node.renew,
-            "visibility refresh": lambda client: node.refresh(client, *_index_of(channel)),
-            "liveness sweep": lambda client: self._report(rt, node.sweep(client, channel)),
-            "restore sweep": lambda client: sweep(channel),
-        }
-        for step, run in steps.items():
-            if now < due[step]:
-                continue
-            due[step] = now + plan[step]
-            try:
-                with channel.conn_or_acquire() as client:
-                    run(client)
-            except Exception as exc:
-                self._warnings.failed(step, exc)
-            else:
-                self._warnings.worked(step)
-
-    @staticmethod
-    def _report(rt: Runtime, lost: list[Recovered]) -> None:
-        for node in lost:
-            logger.warning(
-                "celery-resilience: node %s (%s) is gone (no presence for %s s): put %d "
-                "message(s) it held back on their queues %s",
-                node.node,
-                node.info.get("nodename", "?"),
-                node.info.get("ttl", "?"),
-                node.messages,
-                dict(node.queues),
-            )
-            notify(
-                rt.plugins,
-                "resilience_node_lost",
-                node=node.node,
-                nodename=str(node.info.get("nodename", "")),
-                recovered=dict(node.queues),
-            )
 
     def _cancel(self) -> None:
         for stop in (self._stop, self._drain):

@@ -52,6 +52,10 @@ class Recorder:
         self.events.append(("duplicate_suppressed", _args(locals())))
 
     @hookimpl
+    def resilience_node_lost(self, node: str, nodename: str, recovered: dict[str, int]) -> None:
+        self.events.append(("node_lost", _args(locals())))
+
+    @hookimpl
     def resilience_task_gave_up(self, outcome: GiveUp) -> None:
         self.events.append(("task_gave_up", {"outcome": outcome}))
 

@@ -2,7 +2,8 @@
 
 One test per hook spec, named after the hook: tests/test_hooks_documented.py finds
 them by name and fails when a hook has none. Tasks run eagerly (Celery's own
-tracer) on the in-memory backends, so these run without any service; the same
+tracer) on the in-memory backends, so these run without any service (but
+``resilience_node_lost``, which needs a Redis broker's nodes); the same
 paths against real Redis and real workers are in tests/test_gate.py,
 tests/test_dlq.py and tests/integration. The provider hooks are exercised through
 real entry points in tests/test_plugins.py.
@@ -10,6 +11,7 @@ real entry points in tests/test_plugins.py.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -22,12 +24,16 @@ from celery_resilience import (
     DeadLetterQueue,
     GiveUp,
     LockContended,
+    fetch,
     headers,
     resilient,
 )
+from celery_resilience.heartbeat import Ticker
+from celery_resilience.liveness.node import adopt
 from celery_resilience.runtime import runtime
 from tests.recorder import Recorder, recording
 from tests.support.admissions import hold, lost_deliveries
+from tests.support.broker import Broker
 
 FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
 
@@ -151,6 +157,37 @@ def test_resilience_crash_budget_spent_comes_before_the_give_up(
     assert names.index("crash_budget_spent") < names.index("task_gave_up")
     (gave_up,) = observer.of("task_gave_up")
     assert gave_up["outcome"].reason == "worker_lost"
+
+
+def test_resilience_node_lost_when_a_nodes_presence_expires(
+    redis_url: str, key_prefix: str, observer: Recorder
+) -> None:
+    """A live node's heartbeat tick puts back what a node that stopped renewing held, and
+    reports it once, with the count per queue (real Redis broker, kombu consumers)."""
+    dead, live = (Broker(redis_url, key_prefix, node_ttl=0.5) for _ in range(2))
+    try:
+        for broker in (dead, live):
+            adopt(broker.channel, broker.node)
+            fetch.install(broker.channel, broker.node)
+            broker.node.renew(broker.raw)  # as the heartbeat does when the consumer starts
+        dead.publish(1, 2)
+        dead.consume(2)
+        app = Celery(f"n{uuid.uuid4().hex[:6]}", set_as_current=False)
+        app.conf.update(broker_url=redis_url, resilience_url="memory://")
+        tick = Ticker(runtime(app), live.node, visibility_timeout=60)
+        deadline = time.monotonic() + 5
+        while not observer.of("node_lost") and time.monotonic() < deadline:
+            tick(live.channel)
+            time.sleep(0.05)
+        for _ in range(10):  # later ticks report nothing more
+            tick(live.channel)
+        assert observer.of("node_lost") == [
+            {"node": dead.node.id, "nodename": f"test@{key_prefix}", "recovered": {"hbq": 2}}
+        ]
+        assert live.raw.llen(live.key("hbq")) == 2
+    finally:
+        dead.close()
+        live.close()
 
 
 def test_resilience_duplicate_suppressed_when_a_succeeded_task_id_comes_again(

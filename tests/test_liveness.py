@@ -19,7 +19,7 @@ import pytest
 
 from celery_resilience import fetch
 from celery_resilience.liveness.holders import ProcessPresence
-from celery_resilience.liveness.keys import script
+from celery_resilience.liveness.keys import ms, script
 from celery_resilience.liveness.node import adopt
 from celery_resilience.liveness.recovery import Recovered
 from celery_resilience.owners import new_owner, presence_of
@@ -120,9 +120,12 @@ def test_concurrent_sweepers_restore_each_message_once(nodes: Callable[[], Broke
     sweepers = [nodes() for _ in range(3)]
     dead.publish(*range(1200))
     dead.consume(1200)
-    time.sleep(TTL * 1.5)
-    for s in sweepers:  # a fresh sweep clock: no stall grace
-        script("due")(s.raw, [s.keys.presence, s.keys.clock], [1000, 1])
+    deadline = time.monotonic() + TTL * 1.5
+    while time.monotonic() < deadline:  # the dead node expires while nodes sweep
+        for s in sweepers:
+            s.node.renew(s.raw)
+            script("due")(s.raw, [s.keys.presence, s.keys.clock], [ms(TTL), 1])  # lists only
+        time.sleep(TTL / 6)
     dead.age(*dead.scores())  # kombu's visibility sweep finds them all due, too
     results: list[list[Recovered]] = []
     errors: list[BaseException] = []
