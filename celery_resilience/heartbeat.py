@@ -34,6 +34,7 @@ recovered like any dead node. See docs/recovery.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -284,6 +285,14 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._stop is not None:
             stop, self._stop = self._stop, None
             stop()
+        if self._drain is not None:  # one more try: kombu may have restored the rest now
+            channel = getattr(c.task_consumer, "channel", None)
+            node = self._node
+            if channel is not None and node is not None:
+                with contextlib.suppress(Exception), channel.conn_or_acquire() as client:
+                    if node.leave(client, *_index_of(channel)):
+                        drain, self._drain = self._drain, None
+                        drain()
 
 
 def _index_of(channel: Any) -> tuple[str, float]:
