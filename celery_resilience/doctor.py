@@ -3,7 +3,9 @@
 Each check reads the app's configuration (and asks the coordination and DLQ backends)
 and returns findings: what is dangerous and how to fix it. No finding (but warnings)
 means the configuration is safe for what the checks know. ``recovery`` says how long
-a dead node's tasks take to come back with the settings read.
+a dead node's tasks take to come back with the settings read: by liveness (the node
+TTL) on a Redis broker with the visibility heartbeat on, by the visibility timeout
+with it off.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import Any
 
 import kombu
 
+from celery_resilience import liveness
 from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
 from celery_resilience.backends.redis import REDIS_SCHEMES, storage
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
-from celery_resilience.heartbeat import sweep_interval, tick_interval
 from celery_resilience.liveness import REDIS_BROKERS
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import Settings, broker_url, unshared_backend
@@ -30,6 +32,8 @@ REQUEUE_MARGIN = 10.0  # seconds a worker needs after soft shutdown to requeue
 DEFAULT_AMQP_HEARTBEAT = 60.0  # RabbitMQ's server-side heartbeat timeout, seconds
 KOMBU_RESTORE_SWEEP = 100.0  # kombu's own sweep without the heartbeat: 10 s x 10, seconds
 MAX_RECOVERY = 300.0  # a dead node's tasks waiting longer than this is a finding, seconds
+DEFAULT_BRPOP_TIMEOUT = 1.0  # kombu's Redis transport: an idle consumer's wait, seconds
+MIN_NODE_TTL = 1.0  # a shorter presence lease is a warning, seconds
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ def diagnose(
             ))  # fmt: skip
     if broker.startswith(REDIS_BROKERS):
         findings += _visibility(conf, settings.visibility_heartbeat, tasks)
-        findings += _recovery_time(app, conf)
+        findings += _recovery_time(app, conf, settings)
+        if liveness.enabled(conf, settings):
+            findings += _node_ttl(settings)
     if broker.startswith(_AMQP) and longest_task is not None:
         timeout = consumer_timeout or DEFAULT_CONSUMER_TIMEOUT
         if longest_task >= timeout:
@@ -129,14 +135,22 @@ def _about(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _seconds(value: float) -> str:
+    """``value`` in seconds to about three digits: "8", "0.58", "16.5", "267"."""
+    return f"{round(value, 2 if value < 10 else 1 if value < 100 else 0):g}"
+
+
 def recovery(app: Any, *, consumer_timeout: float | None = None) -> Recovery:
     """How long a dead node's tasks take to come back with ``app``'s settings.
 
-    Redis broker, visibility heartbeat on: its messages are restorable half a
-    visibility timeout after the node's last refresh, which was up to a tick before
-    it died, and the next sweep of a live node requeues them (``heartbeat.py``).
-    Heartbeat off: kombu restores a message one timeout after its delivery, at its own
-    sweep. RabbitMQ requeues a connection's unacked messages when it closes.
+    Redis broker, visibility heartbeat on (liveness): the node renewed its presence up
+    to ``node_ttl / 3`` before it died, its presence expires ``node_ttl`` after that
+    renewal, the next liveness sweep of a live node (``liveness.sweep_interval``) puts
+    its messages back, and a live node waiting on the queue fetches them at once, or
+    after its ``brpop_timeout`` when it waits on another queue. The visibility timeout
+    plays no part (it is the backstop for messages no node holds). Heartbeat off:
+    kombu restores a message one timeout after its delivery, at its own sweep.
+    RabbitMQ requeues a connection's unacked messages when it closes.
 
     :param consumer_timeout: RabbitMQ's ``consumer_timeout`` in seconds (default 1800).
     """
@@ -144,15 +158,20 @@ def recovery(app: Any, *, consumer_timeout: float | None = None) -> Recovery:
     broker = _broker(conf)
     if broker.startswith(REDIS_BROKERS):
         timeout = _visibility_timeout(conf)
-        if runtime(app).settings.visibility_heartbeat is not False:
-            earliest = max(0.0, timeout / 2 - tick_interval(timeout))
-            latest = timeout / 2 + sweep_interval(timeout)
-            return Recovery(latest, (
-                f"a dead node's tasks return within ~{_about(latest)} ({earliest:g}-{latest:g} "
-                f"s after it dies: half the visibility timeout of {timeout:g} s, visibility "
-                "heartbeat on)"
-            ))  # fmt: skip
         options = conf.get("broker_transport_options") or {}
+        settings = runtime(app).settings
+        if liveness.enabled(conf, settings):
+            ttl = settings.node_ttl
+            sweep = liveness.sweep_interval(ttl)
+            fetch = float(options.get("brpop_timeout") or DEFAULT_BRPOP_TIMEOUT)
+            earliest, latest = ttl * 2 / 3, ttl + sweep + fetch
+            return Recovery(latest, (
+                f"a dead node's tasks return within ~{_about(latest)} ({_seconds(earliest)}-"
+                f"{_seconds(latest)} s after it dies: its presence lease of {_seconds(ttl)} s "
+                f"expires, the next liveness sweep, every {_seconds(sweep)} s, puts them "
+                f"back, and a free node fetches them within {_seconds(fetch)} s; the "
+                f"visibility timeout of {timeout:g} s is only the backstop)"
+            ))  # fmt: skip
         restore = float(options.get("unacked_restore_interval") or 10) * float(
             options.get("unacked_restore_throttle") or 10
         )
@@ -220,11 +239,21 @@ def _shutdown(conf: Any, grace: float) -> list[Finding]:
     )]  # fmt: skip
 
 
-def _recovery_time(app: Any, conf: Any) -> list[Finding]:
-    """A dead node's tasks waiting longer than ``MAX_RECOVERY`` on a Redis broker."""
+def _recovery_time(app: Any, conf: Any, settings: Settings) -> list[Finding]:
+    """A dead node's tasks waiting longer than ``MAX_RECOVERY`` on a Redis broker: by the
+    node TTL with liveness, by the visibility timeout with the heartbeat off (with
+    liveness a long timeout is the backstop, kombu's 3600 s the recommended one)."""
     within = recovery(app).within
     if within is None or within <= MAX_RECOVERY:
         return []
+    if liveness.enabled(conf, settings):
+        return [Finding(
+            settings.name_of("node_ttl"),
+            f"is {settings.node_ttl:g} s: a dead node's tasks come back only after "
+            f"~{_about(within)}.",
+            "lower it to a few seconds (the default is 6 s: the presence is renewed three "
+            "times per TTL).",
+        )]  # fmt: skip
     set_by = (
         ""
         if (conf.get("broker_transport_options") or {}).get("visibility_timeout")
@@ -232,10 +261,28 @@ def _recovery_time(app: Any, conf: Any) -> list[Finding]:
     )
     return [Finding(
         'broker_transport_options["visibility_timeout"]',
-        f"is {_visibility_timeout(conf):g} s{set_by}: a dead node's tasks come back only "
-        f"after ~{_about(within)}.",
-        'shorten it, e.g. broker_transport_options={"visibility_timeout": 60} (30-120 s, '
-        "see docs/recovery.md), the same on every worker and publisher.",
+        f"is {_visibility_timeout(conf):g} s{set_by} with the visibility heartbeat off: a "
+        f"dead node's tasks come back only after ~{_about(within)}.",
+        f"turn {settings.name_of('visibility_heartbeat')} on (recovery by liveness, within "
+        'seconds), or shorten the timeout, e.g. broker_transport_options={"visibility_timeout": '
+        '60}, the same on every worker and publisher (see docs/recovery.md).',
+    )]  # fmt: skip
+
+
+def _node_ttl(settings: Settings) -> list[Finding]:
+    """A presence lease so short that a brief stall of a live node makes it look dead."""
+    ttl = settings.node_ttl
+    if ttl >= MIN_NODE_TTL:
+        return []
+    return [Finding(
+        settings.name_of("node_ttl"),
+        f"is {ttl:g} s: a pause of as little as ~{_seconds(ttl * 2 / 3)} s of a worker's "
+        "main process (its event loop: a GC pause, a large message) or of the broker's "
+        "Redis (a fork for a snapshot) makes a live node look dead, and other nodes deliver "
+        "the messages it holds again.",
+        "raise it to 1 s or more; the default, 6 s, still brings a dead node's tasks back "
+        "within seconds.",
+        warning=True,
     )]  # fmt: skip
 
 

@@ -73,22 +73,42 @@ def test_result_backend_timeout_is_compared_only_when_set() -> None:
     assert diagnose(app) == []
 
 
-def test_default_visibility_timeout_is_reported_with_the_recovery_time() -> None:
-    """kombu's 3600 s default keeps a dead node's tasks away for ~30 min: a finding."""
+def test_default_visibility_timeout_is_no_finding_with_liveness() -> None:
+    """With the heartbeat on, kombu's 3600 s is only the backstop: recovery is by liveness."""
     app = make_app(broker_transport_options={})
-    (finding,) = diagnose(app)
+    assert diagnose(app) == []
+    assert recovery(app).within == 8
+
+
+def test_default_visibility_timeout_without_heartbeat_is_reported_with_the_recovery_time() -> None:
+    """Heartbeat off, kombu's 3600 s keeps a dead node's tasks away for an hour: a finding."""
+    app = make_app(broker_transport_options={}, resilience_visibility_heartbeat=False)
+    (finding,) = [f for f in diagnose(app) if not f.setting.endswith(" backoff")]
     assert finding.setting == 'broker_transport_options["visibility_timeout"]'
-    assert "is 3600 s, kombu's default" in finding.problem
-    assert "~30 min" in finding.problem
+    assert "is 3600 s, kombu's default with the visibility heartbeat off" in finding.problem
+    assert "~62 min" in finding.problem
+    assert "turn resilience_visibility_heartbeat on" in finding.fix
     assert '{"visibility_timeout": 60}' in finding.fix
+
+
+LIVENESS = (
+    "a dead node's tasks return within ~8 s (4-8 s after it dies: its presence lease of 6 s "
+    "expires, the next liveness sweep, every 1 s, puts them back, and a free node fetches "
+    "them within 1 s; the visibility timeout of {} s is only the backstop)"
+)
 
 
 @pytest.mark.parametrize(
     ("conf", "within", "text"),
     [
-        ({}, 1802, "within ~30 min (1770-1802 s after it dies"),
-        ({"broker_transport_options": {"visibility_timeout": 60}}, 32, "within ~32 s (15-32 s"),
-        ({"broker_transport_options": {"visibility_timeout": 30}}, 16.5, "(7.5-16.5 s"),
+        ({}, 8, LIVENESS.format(3600)),
+        ({"broker_transport_options": {"visibility_timeout": 60}}, 8, LIVENESS.format(60)),
+        (
+            {"resilience_node_ttl": 3, "broker_transport_options": {"brpop_timeout": 2}},
+            5.5, "within ~6 s (2-5.5 s after it dies: its presence lease of 3 s expires, the "
+            "next liveness sweep, every 0.5 s, puts them back, and a free node fetches them "
+            "within 2 s;",
+        ),
         (
             {"broker_transport_options": {"visibility_timeout": 60},
              "resilience_visibility_heartbeat": False},
@@ -96,13 +116,40 @@ def test_default_visibility_timeout_is_reported_with_the_recovery_time() -> None
         ),
     ],
 )  # fmt: skip
-def test_recovery_time_follows_the_heartbeats_formula(
+def test_recovery_time_follows_the_node_ttl_or_without_heartbeat_the_timeout(
     conf: dict[str, object], within: float, text: str
 ) -> None:
-    """Heartbeat on: timeout/2 - tick .. timeout/2 + sweep; off: timeout + kombu's sweep."""
+    """Liveness: node TTL + liveness sweep + a fetch, whatever the visibility timeout;
+    heartbeat off: timeout + kombu's sweep."""
     found = recovery(make_app(**{"broker_transport_options": {}, **conf}))
     assert found.within == within
     assert text in found.summary
+
+
+@pytest.mark.parametrize(("ttl", "warned"), [(0.5, True), (0.9, True), (1.0, False), (6, False)])
+def test_a_node_ttl_under_a_second_is_a_warning_with_the_fix(ttl: float, warned: bool) -> None:
+    """A sub-second presence lease makes a briefly stalled live node look dead."""
+    findings = diagnose(make_app(resilience_node_ttl=ttl))
+    assert settings_of(findings) == (["resilience_node_ttl"] if warned else [])
+    if warned:
+        (finding,) = findings
+        assert finding.warning
+        assert f"a pause of as little as ~{round(ttl * 2 / 3, 2):g} s" in finding.problem
+        assert "raise it to 1 s or more" in finding.fix
+
+
+def test_a_short_node_ttl_is_no_warning_without_liveness() -> None:
+    """With the heartbeat off no node keeps a presence: the TTL does not matter."""
+    app = make_app(resilience_node_ttl=0.5, resilience_visibility_heartbeat=False)
+    assert "resilience_node_ttl" not in settings_of(diagnose(app))
+
+
+def test_a_node_ttl_that_keeps_dead_tasks_away_for_minutes_is_reported() -> None:
+    """With liveness, the slow-recovery finding names the node TTL, not the timeout."""
+    (finding,) = diagnose(make_app(resilience_node_ttl=600))
+    assert finding.setting == "resilience_node_ttl"
+    assert "is 600 s: a dead node's tasks come back only after ~10 min" in finding.problem
+    assert not finding.warning
 
 
 def test_recovery_on_rabbitmq_names_what_bounds_it() -> None:
@@ -228,13 +275,11 @@ def _doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 def test_doctor_on_a_safe_configuration_says_the_recovery_time_and_exits_zero(
     persistent_redis: str,
 ) -> None:
-    """A persistent Redis and a 60 s timeout: the recovery line, then ok, exit 0."""
-    result = _doctor(
-        {"CR_DOCTOR_BROKER_URL": persistent_redis, "CR_DOCTOR_VISIBILITY_TIMEOUT": "60"}
-    )
+    """A persistent Redis and kombu's default timeout: the liveness recovery line, ok, exit 0."""
+    result = _doctor({"CR_DOCTOR_BROKER_URL": persistent_redis})
     assert result.returncode == 0, result.stdout + result.stderr
     recovered, ok = result.stdout.splitlines()
-    assert recovered.startswith("recovery: a dead node's tasks return within ~32 s (15-32 s")
+    assert recovered == "recovery: " + LIVENESS.format(3600)
     assert ok.startswith("ok: no dangerous settings found (")
 
 
