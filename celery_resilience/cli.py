@@ -1,4 +1,5 @@
-"""``celery -A proj resilience dlq ...``: the dead-letter queue from the command line.
+"""``celery -A proj resilience dlq|doctor|nodes ...``: the DLQ, the settings check and the
+worker nodes from the command line.
 
 Installed as a Celery sub-command through the ``celery.commands`` entry point; the
 app comes from Celery's ``-A``. Contracts every command keeps:
@@ -54,6 +55,7 @@ from celery_resilience.dlq import (
 )
 from celery_resilience.doctor import diagnose
 from celery_resilience.errors import ResilienceError
+from celery_resilience.nodes import LiveNode, LostNode, Nodes, read_nodes
 from celery_resilience.runtime import runtime
 from celery_resilience.urls import mask_url
 
@@ -173,10 +175,12 @@ def age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-def _when(ts: Any) -> str:
+def _when(ts: Any, now: float | None = None) -> str:
+    """``ts`` in UTC and how long before ``now`` (default: this machine's clock)."""
     try:
         stamp = datetime.fromtimestamp(float(ts), tz=timezone.utc)
-        return f"{stamp:%Y-%m-%d %H:%M:%S} UTC ({age(time.time() - float(ts))} ago)"
+        ago = age((time.time() if now is None else now) - float(ts))
+        return f"{stamp:%Y-%m-%d %H:%M:%S} UTC ({ago} ago)"
     except (TypeError, ValueError, OverflowError, OSError):
         return _line(ts)
 
@@ -315,7 +319,7 @@ def view(entry: DeadLetter, mask: frozenset[str], reveal: bool) -> dict[str, Any
 @click.pass_context
 @_handle_preload_options
 def resilience(ctx: click.Context, **preload_options: Any) -> None:
-    """celery-resilience tools: see celery -A proj resilience dlq --help."""
+    """celery-resilience tools: see celery -A proj resilience dlq|doctor|nodes --help."""
 
 
 @resilience.group()
@@ -591,3 +595,95 @@ def doctor(
         raise click.exceptions.Exit(1)
     tasks = sum(1 for t in app.tasks.values() if getattr(type(t), "__resilience__", None))
     click.echo(f"ok: no dangerous settings found ({tasks} resilient tasks checked)")
+
+
+LOST_SHOWN = 10  # lost nodes the table shows (--json gives every one kept)
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+@resilience.command()
+@_option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"now", "live": [...], "lost": [...], "holders": N, "sweeping": B}.',
+)
+@_reports_errors
+def nodes(as_json: bool) -> None:
+    """List the worker nodes present in the broker's Redis and what each holds, then
+    the nodes lost recently and what their recovery put back, then how many processes
+    holding run or lock leases are present. Every time is the Redis server's.
+
+    Needs a Redis broker and the visibility heartbeat on (liveness).
+    """
+    found = read_nodes(_app())
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(found), indent=2))
+        return
+    if found.live:
+        rows = [
+            [
+                _fit(_line(n.nodename), 60),
+                _fit(_line(n.hostname), 60),
+                _line(n.pid if n.pid is not None else "?"),
+                _fit(_line(",".join(n.queues) or "-"), 60),
+                _expires(n, found),
+                _holds(n),
+            ]
+            for n in found.live
+        ]
+        _table(["NODE", "HOST", "PID", "QUEUES", "EXPIRES", "HOLDS"], rows, squeeze=5)
+    else:
+        click.echo("no live nodes")
+    if found.lost:
+        click.echo("")
+        click.echo("lost nodes, newest first:")
+        rows = [
+            [
+                _when(n.lost_at, found.now) if n.lost_at is not None else "?",
+                _fit(_line(n.nodename), 60),
+                _fit(_line(n.hostname), 60),
+                _recovered(n),
+            ]
+            for n in found.lost[:LOST_SHOWN]
+        ]
+        _table(["LOST", "NODE", "HOST", "RECOVERED"], rows, squeeze=3)
+        if len(found.lost) > LOST_SHOWN:
+            click.echo(f"... and {len(found.lost) - LOST_SHOWN} earlier (--json lists them)")
+    click.echo("")
+    plural = "process" if found.holders == 1 else "processes"
+    click.echo(f"{found.holders} lease holder {plural} present")
+
+
+def _expires(node: LiveNode, found: Nodes) -> str:
+    if not node.expired:
+        return f"in {node.expires_in:.1f} s"
+    if found.sweeping:
+        return "expired, being recovered"
+    return "expired, recovered once a node sweeps"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{_line(name)}{TIMES}{n}" for name, n in counts.items())
+
+
+def _holds(node: LiveNode) -> str:
+    """How many messages ``node`` holds, then how many of each task, most first (over the
+    first ``scanned`` only when ``capped``), and how many are no longer unacked."""
+    if not node.holds:
+        return "0"
+    details = []
+    if node.by_task:
+        first = f" (first {node.scanned})" if node.capped else ""
+        details.append(f"by task{first}: {_counts(node.by_task)}")
+    gone = node.scanned - sum(node.by_task.values())
+    if gone:
+        details.append(f"{gone} acked or requeued since its last refresh")
+    return f"{node.holds} ({'; '.join(details)})" if details else str(node.holds)
+
+
+def _recovered(node: LostNode) -> str:
+    """How many messages the recovery of ``node`` put back, then how many to each queue."""
+    if not node.recovered:
+        return "0"
+    return f"{node.messages} ({_counts(node.recovered)})"
