@@ -1,6 +1,6 @@
 """``celery-resilience``: the command that needs no app of yours (``celery-resilience demo``).
 
-The commands that work on your app (``dlq``, ``doctor``) are Celery sub-commands:
+The commands that work on your app (``dlq``, ``doctor``, ``nodes``) are Celery sub-commands:
 ``celery -A proj resilience ...`` (:mod:`celery_resilience.cli`).
 """
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="celery-resilience",
         description="celery-resilience: make any Celery task survive what production does.",
-        epilog="Commands on your own app: celery -A proj resilience dlq|doctor --help",
+        epilog="Commands on your own app: celery -A proj resilience dlq|doctor|nodes --help",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     demo = commands.add_parser(

@@ -105,19 +105,14 @@ def read_nodes(app: Any, *, scan_limit: int = SCAN_LIMIT) -> Nodes:
     keys = liveness.keys_of(conf, settings)
     options = conf.get("broker_transport_options") or {}
     unacked = (options.get("global_keyprefix") or "") + (options.get("unacked_key") or "unacked")
-    client: Any = None
     try:
-        client = liveness.connect(app)
-        return _read(client, keys, unacked, settings.node_ttl, scan_limit)
+        with liveness.connected(app) as client:
+            return _read(client, keys, unacked, settings.node_ttl, scan_limit)
     except (RedisError, OperationalError, OSError) as exc:
         raise BackendUnavailable(
             f"the broker's Redis at {mask_url(broker_url(conf))} did not answer: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    finally:
-        connection = getattr(client, "_resilience_connection", None)
-        if connection is not None:
-            connection.release()
 
 
 def _why_off(app: Any) -> str:

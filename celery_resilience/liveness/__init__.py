@@ -17,7 +17,8 @@ instead of declaring every node dead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery_resilience.liveness.keys import Keys
@@ -46,10 +47,21 @@ def sweep_interval(node_ttl: float) -> float:
 
 def connect(app: Any) -> Any:
     """A client of ``app``'s broker Redis, from kombu (so every broker URL form, transport
-    option and TLS setting kombu accepts applies). Commands go through redis-py's own
-    ``execute_command``: kombu's client prefixes only some keys."""
+    option and TLS setting kombu accepts applies), for the life of the process. Commands
+    go through redis-py's own ``execute_command``: kombu's client prefixes only some keys.
+    """
     connection = app.connection_for_write()
     channel = connection.default_channel
     client = channel._create_client()  # kombu >= 5.3: a sync client on the channel's pool
     client._resilience_connection = connection  # keeps the pool's owner alive
     return client
+
+
+@contextlib.contextmanager
+def connected(app: Any) -> Iterator[Any]:
+    """:func:`connect` for one block (a CLI command): the connection is released after."""
+    connection = app.connection_for_write()
+    try:
+        yield connection.default_channel._create_client()
+    finally:
+        connection.release()
