@@ -15,7 +15,13 @@ bodies write for the test to check:
   entries of holders whose process is gone (checked in ``/proc`` here, independently of
   the library); what is left above one is an overlap, appended to ``rec:overlaps``;
 - ``rec:events:<task id>``: a hash hook name -> count of celery-resilience's observer
-  events for that task (redelivery seen, duplicate suppressed, crash budget spent...).
+  events for that task (redelivery seen, duplicate suppressed, crash budget spent...);
+- ``rec:starts`` / ``rec:completions``: the counters of ``chaos.trivial``, the task
+  published by the thousand (a hash task id -> bodies started / ended, nothing else).
+
+A node started with ``CHAOS_GATE`` set waits, once imported and before it starts its
+pool and consumer, until the test pushes to that Redis list: it is ready a fraction of
+a second after, where a cold start takes seconds.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from celery_resilience import Backoff, current_attempt, resilient
 from tests.support.apps import ProcessRedis, worker_settings
@@ -42,6 +48,8 @@ VISIBILITY_TIMEOUT = "CHAOS_VISIBILITY_TIMEOUT"
 FAST_SWEEP = "CHAOS_FAST_SWEEP"  # "1": kombu's own restore sweep every second (kombu >= 5.7)
 RESILIENCE_URL = "CHAOS_RESILIENCE_URL"  # optional: the coordination Redis, if not REDIS_URL
 SETTINGS = "CHAOS_SETTINGS"  # optional: a JSON object of Celery settings, applied last
+LOCK_TTL_S = "CHAOS_LOCK_TTL"  # optional: the lock leases' TTL, seconds (default LOCK_TTL)
+GATE = "CHAOS_GATE"  # optional: a Redis list the worker waits on before it consumes
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "chaos:unconfigured"
@@ -57,6 +65,8 @@ FEW_RETRIES = 3
 BACKOFF = Backoff(base=0.2, factor=2.0, cap=1.5, jitter="full")
 # How long a held body waits for the test's go-ahead at most.
 HELD_MAX_S = 120.0
+# How long a gated node waits for the test's go-ahead at most (then it starts anyway).
+GATE_MAX_S = 120.0
 
 
 class Records:
@@ -80,6 +90,10 @@ class Records:
     @property
     def completions(self) -> str:
         return self.key("completions")
+
+    @property
+    def starts(self) -> str:
+        return self.key("starts")
 
     @property
     def overlaps(self) -> str:
@@ -195,12 +209,23 @@ def create_app(env: Mapping[str, str]) -> Celery:
     if env.get(SETTINGS):
         app.conf.update(json.loads(env[SETTINGS]))
     record_events_in_workers(app, "chaos-event-counter", records.count_event)
+    lock_ttl = float(env.get(LOCK_TTL_S, LOCK_TTL))
+    if env.get(GATE):
+        gate = env[GATE]
+
+        def wait_for_the_gate(**_: Any) -> None:
+            records.client().blpop([gate], timeout=GATE_MAX_S)
+
+        signals.worker_init.connect(wait_for_the_gate, weak=False)
 
     def log(event: str, task: Any, **fields: Any) -> None:
+        """Append one record; ``t`` is this process's clock, ``srv`` the Redis server's."""
+        r = records.client()
         node = str(task.request.hostname).split("@")[0]
         line = {"ev": event, "id": task.request.id, "node": node, "pid": os.getpid()}
-        line.update(fields, t=time.time())
-        records.client().rpush(records.log, json.dumps(line))
+        seconds, micros = r.time()
+        line.update(fields, t=time.time(), srv=seconds + micros / 1e6)
+        r.rpush(records.log, json.dumps(line))
 
     def body(task: Any, lock: str, seconds: float, wait_for: str | None) -> float:
         attempt = current_attempt()
@@ -232,23 +257,37 @@ def create_app(env: Mapping[str, str]) -> Celery:
 
     # shared=False: the test process builds one app per cluster.
 
-    @resilient(lock="{key}", lock_ttl=LOCK_TTL, max_retries=MAX_RETRIES, backoff=BACKOFF)
+    @resilient(lock="{key}", lock_ttl=lock_ttl, max_retries=MAX_RETRIES, backoff=BACKOFF)
     @app.task(bind=True, shared=False, name="chaos.locked")
     def locked(self: Any, key: str, seconds: float) -> float:
         """Holds lock ``key`` for ``seconds``, recording start, end and overlaps."""
         return body(self, key, seconds, None)
 
-    @resilient(lock="held:{tag}", lock_ttl=LOCK_TTL, max_retries=MAX_RETRIES, backoff=BACKOFF)
+    @resilient(lock="held:{tag}", lock_ttl=lock_ttl, max_retries=MAX_RETRIES, backoff=BACKOFF)
     @app.task(bind=True, shared=False, name="chaos.held")
     def held(self: Any, tag: str, seconds: float) -> float:
         """Holds lock ``held:<tag>`` until the test releases it, or ``seconds`` at most."""
         return body(self, f"held:{tag}", min(seconds, HELD_MAX_S), records.release(tag))
 
-    @resilient(lock="{key}", lock_ttl=LOCK_TTL, max_retries=FEW_RETRIES, backoff=BACKOFF)
+    @resilient(lock="{key}", lock_ttl=lock_ttl, max_retries=FEW_RETRIES, backoff=BACKOFF)
     @app.task(bind=True, shared=False, name="chaos.locked_few_retries")
     def locked_few_retries(self: Any, key: str, seconds: float) -> float:
         """``chaos.locked`` with a user's small retry budget (waiting is not failing)."""
         return body(self, key, seconds, None)
+
+    @resilient(max_retries=MAX_RETRIES, backoff=BACKOFF)
+    @app.task(bind=True, shared=False, name="chaos.unlocked")
+    def unlocked(self: Any, seconds: float) -> float:
+        """Runs ``seconds`` without a lock; the overlap detector watches its task id."""
+        return body(self, f"id:{self.request.id}", seconds, None)
+
+    @resilient(max_retries=MAX_RETRIES, backoff=BACKOFF)
+    @app.task(bind=True, shared=False, name="chaos.trivial")
+    def trivial(self: Any) -> None:
+        """Counts its start and its end, nothing else (two round trips)."""
+        r = records.client()
+        r.hincrby(records.starts, self.request.id, 1)
+        r.hincrby(records.completions, self.request.id, 1)
 
     return app
 

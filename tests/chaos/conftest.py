@@ -19,15 +19,17 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
 import redis
 from celery.result import AsyncResult
 
-from celery_resilience import DeadLetter, DeadLetterQueue
+from celery_resilience import DeadLetter, DeadLetterQueue, liveness
+from celery_resilience.settings import load_settings
 from tests.support import services, workers
 from tests.support.workers import WorkerNode
 
@@ -66,13 +68,33 @@ def wait_until(
 
 
 class Node(WorkerNode):
-    """One ``celery worker`` node (prefork, concurrency 2) in its own process group."""
+    """One ``celery worker`` node (prefork, concurrency 2 by default) in its own process
+    group; ``wrap`` prefixes its command (``on_host``, ``skewed_clock``), ``app_module``
+    is the app it runs (``tests.chaos.app`` by default)."""
 
-    def __init__(self, name: str, base: str, env: dict[str, str], logdir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        base: str,
+        env: Mapping[str, str],
+        logdir: Path,
+        *,
+        concurrency: int = 2,
+        wrap: Sequence[str] = (),
+        app_module: ModuleType = chaos_app,
+    ) -> None:
         super().__init__(
-            chaos_app, name, env, logdir, queue=env[chaos_app.QUEUE], stop_timeout=STOP_TIMEOUT_S
+            app_module,
+            name,
+            env,
+            logdir,
+            queue=env[chaos_app.QUEUE],
+            concurrency=concurrency,
+            stop_timeout=STOP_TIMEOUT_S,
+            wrap=wrap,
         )
         self.base = base  # the role it plays in its cluster ("n1"), kept by a replacement
+        self.gate = env.get(chaos_app.GATE)  # the list it waits on before consuming, if any
 
     def received(self, task_name: str, task_id: str) -> int:
         """How many times this node received a message of ``task_id``."""
@@ -95,9 +117,12 @@ class ChaosCluster:
         fast_sweep: bool = False,
         resilience_url: str | None = None,
         settings: dict[str, Any] | None = None,
+        lock_ttl: float | None = None,
     ) -> None:
         """``resilience_url``: a coordination Redis of its own (default: ``redis_url``);
-        ``settings``: Celery settings of the workers' app (JSON values), set last."""
+        ``settings``: Celery settings of the workers' app (JSON values, e.g.
+        ``resilience_node_ttl``), set last; ``lock_ttl``: the lock leases' TTL (default
+        ``app.LOCK_TTL``)."""
         run = uuid.uuid4().hex[:10]
         self.label = label
         self.prefix = f"chaos:{run}"
@@ -117,6 +142,8 @@ class ChaosCluster:
             self.env[chaos_app.RESILIENCE_URL] = resilience_url
         if settings:
             self.env[chaos_app.SETTINGS] = json.dumps(settings)
+        if lock_ttl is not None:
+            self.env[chaos_app.LOCK_TTL_S] = str(lock_ttl)
         self.app = chaos_app.create_app(self.env)
         self.records = chaos_app.Records(self.prefix, redis_url)
         self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -126,12 +153,33 @@ class ChaosCluster:
 
     # -- processes -------------------------------------------------------
 
-    def spawn(self, *names: str) -> list[Node]:
-        """Start nodes ``names`` (without waiting for them)."""
-        started = [
-            Node(f"{self.label}-{name}-{self.prefix[-6:]}", name, self.env, self.logdir)
-            for name in names
-        ]
+    def spawn(
+        self,
+        *names: str,
+        concurrency: int = 2,
+        wrap: Sequence[str] = (),
+        gated: bool = False,
+        app_module: ModuleType = chaos_app,
+    ) -> list[Node]:
+        """Start nodes ``names`` (without waiting for them). ``gated``: each waits, once
+        imported, until :meth:`ungate` (it consumes nothing before)."""
+        started = []
+        for name in names:
+            full = f"{self.label}-{name}-{self.prefix[-6:]}"
+            env = dict(self.env)
+            if gated:
+                env[chaos_app.GATE] = self.records.key("gate", full)
+            started.append(
+                Node(
+                    full,
+                    name,
+                    env,
+                    self.logdir,
+                    concurrency=concurrency,
+                    wrap=wrap,
+                    app_module=app_module,
+                )
+            )
         self.nodes += started
         return started
 
@@ -141,6 +189,11 @@ class ChaosCluster:
         for node in started:
             self.wait_ready(node)
         return started
+
+    def ungate(self, node: Node) -> None:
+        """Let a gated node go on with its start (a cold start is over by then)."""
+        assert node.gate is not None, f"{node.name} was not spawned gated"
+        self.redis.rpush(node.gate, "go")
 
     def wait_ready(self, node: Node) -> None:
         node.wait_ready(READY_TIMEOUT_S, self.report)
@@ -175,6 +228,9 @@ class ChaosCluster:
     def send_held(self, tag: str, seconds: float) -> AsyncResult:
         return self.app.tasks["chaos.held"].apply_async((tag, seconds))
 
+    def send_unlocked(self, seconds: float) -> AsyncResult:
+        return self.app.tasks["chaos.unlocked"].apply_async((seconds,))
+
     def release(self, tag: str, times: int = 1) -> None:
         self.redis.rpush(self.records.release(tag), *["go"] * times)
 
@@ -198,6 +254,24 @@ class ChaosCluster:
 
     def events(self, task_id: str) -> dict[str, int]:
         return {k: int(v) for k, v in self.redis.hgetall(self.records.events(task_id)).items()}
+
+    def start_counts(self) -> dict[str, int]:
+        """Bodies started per task id, of the tasks that count only (``chaos.trivial``)."""
+        return {k: int(v) for k, v in self.redis.hgetall(self.records.starts).items()}
+
+    @property
+    def liveness_keys(self) -> liveness.keys.Keys:
+        return liveness.keys_of(self.app.conf, load_settings(self.app.conf, {}))
+
+    def lost_nodes(self) -> list[dict[str, Any]]:
+        """The nodes recently presumed dead, newest first (what ``resilience nodes``
+        lists): node id, nodename, hostname, pid, lost_at, recovered {queue: n}."""
+        rows = self.redis.lrange(self.liveness_keys.lost, 0, -1)
+        return [json.loads(row) for row in rows]
+
+    def present_nodes(self) -> list[dict[str, Any]]:
+        """The info of every worker node with a presence now (nodename, hostname...)."""
+        return [json.loads(v) for v in self.redis.hvals(self.liveness_keys.info)]
 
     def received(self, task_name: str, task_id: str) -> int:
         return sum(node.received(task_name, task_id) for node in self.nodes)
@@ -284,30 +358,19 @@ def chaos_redis_url() -> str:
     return services.reachable_redis(REDIS_URL, "the chaos suite's")
 
 
-@pytest.fixture
-def chaos_clusters(
-    chaos_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def _cluster_factory(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ChaosCluster]]:
-    """A factory of clusters (``label, visibility_timeout=, fast_sweep=, resilience_url=,
-    settings=``), all closed after."""
     made: list[ChaosCluster] = []
 
-    def make(
-        label: str,
-        *,
-        visibility_timeout: float,
-        fast_sweep: bool = False,
-        resilience_url: str | None = None,
-        settings: dict[str, Any] | None = None,
-    ) -> ChaosCluster:
+    def make(label: str, *, visibility_timeout: float, **options: Any) -> ChaosCluster:
         cluster = ChaosCluster(
             label,
-            chaos_redis_url,
+            redis_url,
             tmp_path_factory.mktemp(f"chaos-{label}"),
             visibility_timeout=visibility_timeout,
-            fast_sweep=fast_sweep,
-            resilience_url=resilience_url,
-            settings=settings,
+            **options,
         )
         made.append(cluster)
         return cluster
@@ -317,6 +380,26 @@ def chaos_clusters(
     finally:
         for cluster in made:
             cluster.close()
+
+
+@pytest.fixture
+def chaos_clusters(
+    chaos_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ChaosCluster]]:
+    """A factory of clusters (``label, visibility_timeout=, fast_sweep=, resilience_url=,
+    settings=, lock_ttl=``), all closed after."""
+    with _cluster_factory(chaos_redis_url, tmp_path_factory) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def chaos_module_clusters(
+    chaos_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ChaosCluster]]:
+    """``chaos_clusters`` for a module's fixtures: clusters a scenario starts in the
+    background of other tests, closed when the module is done."""
+    with _cluster_factory(chaos_redis_url, tmp_path_factory) as make:
+        yield make
 
 
 # -- the summary ---------------------------------------------------------------
@@ -334,6 +417,12 @@ def chaos_summary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     finally:
         path.write_text(json.dumps(_SUMMARY, indent=2, sort_keys=True) + "\n")
         _SUMMARY_FILE.append(path)
+
+
+def record(summary: dict[str, Any], name: str, lines: list[str], **figures: Any) -> None:
+    """Print a scenario's measurements and add them to the summary under ``name``."""
+    print("\n" + "\n".join(lines))
+    summary[name] = {"lines": lines, **figures}
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
