@@ -45,7 +45,8 @@ from celery import bootsteps
 from celery.concurrency.solo import TaskPool as SoloPool
 
 from celery_resilience import fetch, liveness
-from celery_resilience.liveness.node import Node, adopt
+from celery_resilience.errors import ResilienceError
+from celery_resilience.liveness.node import Node, adopt, use_server_clock
 from celery_resilience.liveness.recovery import Recovered
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
@@ -203,6 +204,11 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         self._node: Node | None = None
         self._drain: Callable[[], None] | None = None
         self._warnings = _Warnings()
+        # Here, while the consumer is built: kombu's first restore sweep runs as it
+        # connects, before any consumer step starts.
+        with contextlib.suppress(ResilienceError):  # the worker step reports it
+            if liveness.enabled(parent.app.conf, runtime(parent.app).settings):
+                use_server_clock()
 
     def start(self, c: Any) -> None:
         self._cancel()

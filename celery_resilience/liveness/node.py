@@ -105,11 +105,25 @@ def adopt(channel: Any, node: Node) -> None:
     """Make ``channel``'s QoS record deliveries as held by ``node`` and restore by the
     visibility timeout on the server's clock. Idempotent."""
     qos = channel.qos
-    if getattr(qos, "_resilience_node", None) is node:
-        return
-    qos._resilience_node = node
-    qos.append = types.MethodType(_append, qos)
-    qos.restore_visible = types.MethodType(_restore_visible, qos)
+    if getattr(qos, "_resilience_node", None) is not node:
+        qos._resilience_node = node
+        qos.append = types.MethodType(_append, qos)
+        qos.restore_visible = types.MethodType(_restore_visible, qos)
+
+
+def use_server_clock() -> None:
+    """Make every kombu Redis restore sweep of this process use the server's clock.
+
+    kombu restores from its poller through whichever polled channel comes first (the
+    remote-control channel as often as the task consumer's), and the first time while
+    the consumer connects (``MultiChannelPoller.on_poll_init``, kombu 5.3-5.7), before
+    any consumer boot step could :func:`adopt` a channel. A worker therefore replaces
+    ``QoS.restore_visible`` itself, once, before its consumer connects. Idempotent.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    if kombu_redis.QoS.restore_visible is not _restore_visible:
+        kombu_redis.QoS.restore_visible = _restore_visible  # type: ignore[method-assign]
 
 
 def _append(qos: Any, message: Any, delivery_tag: str) -> None:

@@ -29,6 +29,7 @@ VISIBILITY_TIMEOUT = "HB_VISIBILITY_TIMEOUT"
 HEARTBEAT = "HB_HEARTBEAT"  # "on" or "off"
 FAST_SWEEP = "HB_FAST_SWEEP"  # "1": kombu's own restore sweep every second (kombu >= 5.7)
 NODE_TTL = "HB_NODE_TTL"  # resilience_node_ttl, seconds
+REMOTE_CONTROL = "HB_REMOTE_CONTROL"  # "1": Celery's default, a remote-control channel too
 
 _DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "hbtest:unconfigured"
@@ -66,6 +67,8 @@ def create_app(env: Mapping[str, str]) -> Celery:
     )
     if NODE_TTL in env:
         app.conf.resilience_node_ttl = float(env[NODE_TTL])
+    if env.get(REMOTE_CONTROL) == "1":
+        app.conf.worker_enable_remote_control = True
 
     def debug_heartbeat(**_: Any) -> None:
         logging.getLogger("celery_resilience.heartbeat").setLevel(logging.DEBUG)

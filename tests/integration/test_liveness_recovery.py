@@ -18,7 +18,7 @@ import pytest
 
 from . import heartbeat_app as hb
 from .harness import wait_until
-from .heartbeat_cluster import HeartbeatCluster, on_host
+from .heartbeat_cluster import HeartbeatCluster, on_host, skewed_clock
 
 pytestmark = pytest.mark.integration
 
@@ -130,5 +130,37 @@ def test_the_node_ttl_setting_is_what_the_worker_runs_with(
         (node,) = cluster.spawn("solo")
         node.wait_ready(READY_TIMEOUT_S)
         assert "presence TTL 3 s, liveness sweep every 0.5 s" in node.text()
+    finally:
+        cluster.close()
+
+
+def test_a_node_whose_clock_is_40s_ahead_redelivers_nothing_under_a_30s_timeout(
+    integration_redis_url: str, tmp_path: Path
+) -> None:
+    """A node 40 s ahead, with Celery's default remote control (so kombu's periodic
+    restore may sweep from its pidbox channel) and kombu's sweep every second, beside a
+    node running a 25 s task: the task is delivered once."""
+    cluster = HeartbeatCluster(
+        "skew", integration_redis_url, tmp_path, heartbeat="on", fast_sweep=True,
+        visibility_timeout=30,
+    )  # fmt: skip
+    try:
+        (steady,) = cluster.spawn("prefork")
+        steady.wait_ready(READY_TIMEOUT_S)
+        tag = f"s-{uuid.uuid4().hex[:6]}"
+        task_id = cluster.send(tag, 25)
+        wait_until(lambda: cluster.starts(tag), "the start", lambda: cluster.report(tag))
+        (ahead,) = cluster.spawn("prefork", wrap=skewed_clock("+40s"), env={hb.REMOTE_CONTROL: "1"})
+        ahead.wait_ready(READY_TIMEOUT_S)
+        wait_until(
+            lambda: cluster.completions(tag),
+            "the task to complete",
+            lambda: cluster.report(tag),
+            timeout=40,
+        )
+        time.sleep(2)
+        report = cluster.report(tag)
+        assert cluster.deliveries(task_id) == 1, report
+        assert len(cluster.starts(tag)) == 1, report
     finally:
         cluster.close()
