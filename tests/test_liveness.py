@@ -17,13 +17,11 @@ from typing import Any
 
 import pytest
 
-from celery_resilience import fetch
 from celery_resilience.liveness.holders import ProcessPresence
 from celery_resilience.liveness.keys import ms, script
-from celery_resilience.liveness.node import adopt
 from celery_resilience.liveness.recovery import Recovered
 from celery_resilience.owners import new_owner, presence_of
-from tests.support.broker import Broker
+from tests.support.broker import Broker, adopted_nodes
 
 pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
 
@@ -33,19 +31,8 @@ TTL = 0.5  # seconds of presence of every node here
 @pytest.fixture
 def nodes(redis_url: str, key_prefix: str) -> Iterator[Callable[[], Broker]]:
     """Make adopted nodes (kombu consumers) on one queue; all closed afterwards."""
-    made: list[Broker] = []
-
-    def make() -> Broker:
-        broker = Broker(redis_url, key_prefix, node_ttl=TTL)
-        adopt(broker.channel, broker.node)
-        assert fetch.install(broker.channel, broker.node)
-        broker.node.renew(broker.raw)
-        made.append(broker)
-        return broker
-
-    yield make
-    for broker in made:
-        broker.close()
+    with adopted_nodes(redis_url, key_prefix, TTL) as make:
+        yield make
 
 
 def sweep_for(node: Broker, seconds: float, *alive: Broker) -> list[Recovered]:

@@ -25,14 +25,12 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from celery_resilience import fetch
 from celery_resilience.errors import BackendUnavailable, ConfigurationError
 from celery_resilience.liveness.holders import ProcessPresence
 from celery_resilience.liveness.keys import script
-from celery_resilience.liveness.node import adopt
 from celery_resilience.nodes import Nodes, read_nodes
 from tests.cli_support import nodes_app
-from tests.support.broker import Broker
+from tests.support.broker import Broker, adopted_nodes
 
 pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
 
@@ -55,19 +53,8 @@ def app(redis_url: str, key_prefix: str) -> Iterator[Celery]:
 @pytest.fixture
 def nodes(redis_url: str, key_prefix: str) -> Iterator[Callable[[], Broker]]:
     """Make nodes (kombu consumers adopted by a Node, fetching reliably) on queue hbq."""
-    made: list[Broker] = []
-
-    def make() -> Broker:
-        broker = Broker(redis_url, key_prefix, node_ttl=TTL)
-        adopt(broker.channel, broker.node)
-        assert fetch.install(broker.channel, broker.node)
-        broker.node.renew(broker.raw)
-        made.append(broker)
-        return broker
-
-    yield make
-    for broker in made:
-        broker.close()
+    with adopted_nodes(redis_url, key_prefix, TTL) as make:
+        yield make
 
 
 def send(app: Celery, *names: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -78,3 +80,27 @@ class Broker:
         self.channel.qos._delivered.clear()  # do not restore at close: the test decides
         self.connection.release()
         self.raw.close()
+
+
+@contextmanager
+def adopted_nodes(url: str, prefix: str, ttl: float) -> Iterator[Callable[[], Broker]]:
+    """Make nodes as a worker's heartbeat leaves its consumer (adopted by a ``Node``,
+    fetching reliably, presence registered) on queue ``hbq``; all closed afterwards."""
+    from celery_resilience import fetch
+    from celery_resilience.liveness.node import adopt
+
+    made: list[Broker] = []
+
+    def make() -> Broker:
+        broker = Broker(url, prefix, node_ttl=ttl)
+        adopt(broker.channel, broker.node)
+        assert fetch.install(broker.channel, broker.node)
+        broker.node.renew(broker.raw)
+        made.append(broker)
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in made:
+            broker.close()
