@@ -26,7 +26,6 @@ from tests.support.acl import acl_user
 from tests.support.broker import LONG_AGO, Broker
 
 # kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
-pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from celery_resilience.liveness.node import adopt
 from tests.support.broker import LONG_AGO, VISIBILITY_TIMEOUT, Broker
 
 # kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
-pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from celery_resilience.liveness.recovery import Recovered
 from celery_resilience.owners import new_owner, presence_of
 from tests.support.broker import Broker, adopted_nodes
 
-pytestmark = pytest.mark.filterwarnings("ignore:Call to 'get_connection':DeprecationWarning")
 
 TTL = 0.5  # seconds of presence of every node here
 
