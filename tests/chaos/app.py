@@ -248,7 +248,10 @@ def create_app(env: Mapping[str, str]) -> Celery:
             if wait_for is None:
                 time.sleep(seconds)
             else:
-                records.client().blpop([wait_for], timeout=seconds)
+                # BLMOVE onto the same list leaves the token for the next body: a node
+                # SIGKILLed while blocked here can still be served it by Redis (the server
+                # may run the RPUSH before it sees the dead client's socket close).
+                records.client().blmove(wait_for, wait_for, seconds, "LEFT", "RIGHT")
         finally:
             detector.leave(run)
         records.client().hincrby(records.completions, task.request.id, 1)

@@ -231,8 +231,9 @@ class ChaosCluster:
     def send_unlocked(self, seconds: float) -> AsyncResult:
         return self.app.tasks["chaos.unlocked"].apply_async((seconds,))
 
-    def release(self, tag: str, times: int = 1) -> None:
-        self.redis.rpush(self.records.release(tag), *["go"] * times)
+    def release(self, tag: str) -> None:
+        """Let every body held on ``tag`` end, now and later (the token is never used up)."""
+        self.redis.rpush(self.records.release(tag), "go")
 
     def result(self, task_id: str) -> AsyncResult:
         return self.app.AsyncResult(task_id)

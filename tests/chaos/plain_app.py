@@ -68,7 +68,8 @@ def create_app(env: Mapping[str, str]) -> Celery:
     def plain_held(self: Any, tag: str, seconds: float) -> None:
         """Runs until the test releases ``tag`` or ``seconds`` at most; acked at its end."""
         log("start", self.request)
-        client().blpop([f"{prefix}:rec:release:{tag}"], timeout=min(seconds, HELD_MAX_S))
+        gate = f"{prefix}:rec:release:{tag}"  # BLMOVE keeps the token, as in app.py
+        client().blmove(gate, gate, min(seconds, HELD_MAX_S), "LEFT", "RIGHT")
         client().hincrby(f"{prefix}:rec:completions", self.request.id, 1)
         log("end", self.request)
 

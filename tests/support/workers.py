@@ -30,6 +30,16 @@ T = TypeVar("T")
 POLL_S = 0.05
 
 
+def _group_alive(pgid: int) -> bool:
+    """True while a process of group ``pgid`` runs (zombies, whose sockets are closed, don't)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _ppid, group = stat.read_text().rpartition(")")[2].split()[:3]
+            if int(group) == pgid and state != "Z":
+                return True
+    return False
+
+
 def wait_until(
     predicate: Callable[[], T],
     what: str,
@@ -186,6 +196,14 @@ class WorkerNode:
         if self.killed_at is None:
             self.killed_at = at
         self.process.wait(self.stop_timeout)
+        # The main process can be reaped while a pool child still dies: until the child's
+        # sockets close, Redis may still hand it a reply (a BLPOP's token) that nobody reads.
+        wait_until(
+            lambda: not _group_alive(self.process.pid),
+            f"every process of node {self.name} to exit after SIGKILL",
+            lambda: "",
+            self.stop_timeout,
+        )
         return at
 
     def terminate(self) -> None:
