@@ -56,6 +56,7 @@ from celery_resilience.dlq import (
 from celery_resilience.doctor import diagnose
 from celery_resilience.errors import ResilienceError
 from celery_resilience.nodes import LiveNode, LostNode, Nodes, read_nodes
+from celery_resilience.options import options_of
 from celery_resilience.runtime import runtime
 from celery_resilience.urls import mask_url
 
@@ -593,7 +594,7 @@ def doctor(
     click.echo(_line(f"recovery: {recovery(app, consumer_timeout=consumer_timeout).summary}"))
     if any(not finding.warning for finding in findings):
         raise click.exceptions.Exit(1)
-    tasks = sum(1 for t in app.tasks.values() if getattr(type(t), "__resilience__", None))
+    tasks = sum(1 for t in app.tasks.values() if options_of(t))
     click.echo(f"ok: no dangerous settings found ({tasks} resilient tasks checked)")
 
 

@@ -21,6 +21,7 @@ from celery_resilience.backends.base import CoordinationBackend, DeadLetterBacke
 from celery_resilience.backends.redis import REDIS_SCHEMES, storage
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
 from celery_resilience.liveness import REDIS_BROKERS
+from celery_resilience.options import options_of
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import Settings, broker_url, unshared_backend
 from celery_resilience.urls import mask_url
@@ -71,7 +72,7 @@ def _broker(conf: Any) -> str:
 
 
 def _resilient_tasks(app: Any) -> list[Any]:
-    return [t for t in app.tasks.values() if getattr(type(t), "__resilience__", None)]
+    return [t for t in app.tasks.values() if options_of(t)]
 
 
 def diagnose(

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery_resilience.backoff import Backoff
 from celery_resilience.errors import ConfigurationError
 from celery_resilience.locks import LockSpec
+
+
+def options_of(task: Any) -> ResilientOptions | None:
+    """The ``@resilient`` options of ``task`` (a Celery task), ``None`` if it is not one."""
+    options = getattr(type(task), "__resilience__", None)
+    return options if isinstance(options, ResilientOptions) else None
 
 
 @dataclass(frozen=True)

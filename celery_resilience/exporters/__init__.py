@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 
 from celery_resilience.errors import ResilienceError
+from celery_resilience.options import options_of
 from celery_resilience.runtime import runtime
 
 if TYPE_CHECKING:
@@ -112,11 +113,7 @@ default, and a contended attempt waits at most the lease's remainder)."""
 
 def resilient_task_names(app: Any) -> list[str]:
     """The names of ``app``'s tasks decorated with ``@resilient``, sorted."""
-    return sorted(
-        name
-        for name, task in list(app.tasks.items())
-        if getattr(type(task), "__resilience__", None) is not None
-    )
+    return sorted(name for name, task in list(app.tasks.items()) if options_of(task) is not None)
 
 
 class DeadLetterCounts:
