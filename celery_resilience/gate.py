@@ -99,6 +99,15 @@ class Delivery:
         presence = None if self.task.request.is_eager else self.rt.presence
         if presence is None:
             return self.run_deliveries()
+        tag = (getattr(self.task.request, "properties", None) or {}).get("delivery_tag")
+        if tag is not None and not presence.starts(str(tag)):
+            logger.info(
+                "celery-resilience: task %s[%s] was handed back to its queue when its worker "
+                "began a warm shutdown; the copy there runs it, not this one",
+                self.task.name,
+                self.task_id,
+            )
+            raise Ignore()
         with presence.hold() as presence_id:
             self.owner = new_owner(self.task.request.hostname or "", self.task_id, presence_id)
             return self.run_deliveries()

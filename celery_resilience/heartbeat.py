@@ -26,10 +26,11 @@ consumer's timer:
 
 These run on the consumer's timer (the event loop of the prefork and threads pools),
 except under the solo pool, whose main thread runs the tasks and would starve the
-timer: there they run in a daemon thread. When the consumer stops (a warm shutdown
-still finishing its tasks), a thread keeps the presence and refresh going until the
-node holds nothing, then withdraws the presence; a node SIGKILLed meanwhile is
-recovered like any dead node. See docs/recovery.md.
+timer: there they run in a daemon thread. When the consumer stops for a warm shutdown,
+the resilient messages no pool child started go back on their queues at once (other
+nodes run them while this one finishes its running tasks), and a thread keeps the
+presence and refresh going until the node holds nothing, then withdraws the presence;
+a node SIGKILLed meanwhile is recovered like any dead node. See docs/recovery.md.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from celery.concurrency.solo import TaskPool as SoloPool
 from celery_resilience import fetch, liveness
 from celery_resilience.errors import ResilienceError
 from celery_resilience.liveness.node import Node, adopt, use_server_clock
-from celery_resilience.liveness.recovery import Recovered
+from celery_resilience.liveness.recovery import Recovered, hand_back
+from celery_resilience.options import options_of
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
 
@@ -265,11 +267,14 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         self._stop = self._drain = None
 
     def stop(self, c: Any) -> None:
-        """Stop the timer; keep the presence from a thread until nothing is held."""
+        """Stop the timer; at a warm shutdown, hand back the unstarted messages; keep the
+        presence from a thread until nothing is held."""
         self._cancel()
         node, channel = self._node, getattr(c.task_consumer, "channel", None)
         if node is None or channel is None:
             return
+        if c.blueprint.state == bootsteps.CLOSE:  # not a reconnection's restart
+            self._hand_back(c.app, node, channel)
         index = _index_of(channel)
         connect = channel.conn_or_acquire
 
@@ -285,6 +290,38 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         stop_drain = _every(node.ttl / 3, drain, name="celery-resilience-drain")
         self._drain = stop_drain
         drain()
+
+    def _hand_back(self, app: Any, node: Node, channel: Any) -> None:
+        """Put back on their queues the messages of resilient tasks this node holds that no
+        pool child started. Celery's consumer has dropped them as it closed (the pool's
+        unsent jobs, the ETA timers), and kombu would restore them only when the channel
+        closes, after the running tasks end. A child that still gets one of them (its job
+        was being written) does not run it (``ProcessPresence.starts``)."""
+        from celery.worker import state as worker_state
+
+        qos = channel.qos
+        running = {r.message.delivery_tag for r in list(worker_state.active_requests)}
+        tags = [
+            str(tag)
+            for tag, message in list(qos._delivered.items())  # kombu 5.3-5.7: unacked
+            if tag not in running
+            and tag not in qos._dirty  # acked, not flushed yet
+            and options_of(app.tasks.get((message.headers or {}).get("task"))) is not None
+        ]
+        if not tags:
+            return
+        try:
+            with channel.conn_or_acquire() as client:
+                queues = hand_back(channel, client, node.keys, node.id, tags)
+        except Exception as exc:
+            self._warnings.failed("hand-back at warm shutdown", exc)
+            return
+        logger.warning(
+            "celery-resilience: warm shutdown: put %d unstarted message(s) back on their "
+            "queues %s; the running tasks finish here",
+            sum(queues.values()),
+            dict(queues),
+        )
 
     def shutdown(self, c: Any) -> None:
         """The timer stops; a drain thread still running ends with the process."""

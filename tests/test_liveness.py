@@ -19,7 +19,7 @@ import pytest
 
 from celery_resilience.liveness.holders import ProcessPresence
 from celery_resilience.liveness.keys import ms, script
-from celery_resilience.liveness.recovery import Recovered
+from celery_resilience.liveness.recovery import Recovered, hand_back
 from celery_resilience.owners import new_owner, presence_of
 from tests.support.broker import Broker, adopted_nodes
 
@@ -82,6 +82,32 @@ def test_a_live_node_keeps_what_it_holds(nodes: Callable[[], Broker]) -> None:
     assert sweep_for(sweeper, 6 * TTL, holder) == []
     assert queued(sweeper) == []
     assert len(sweeper.scores()) == 1
+
+
+def test_a_warm_shutdown_hands_back_what_no_pool_child_started(
+    nodes: Callable[[], Broker],
+) -> None:
+    """The hand-back queues the unstarted messages again at once, under new delivery
+    tags, and leaves the one a child marked started; a child that gets a handed-back
+    delivery later does not run it, and the copies run wherever they are fetched."""
+    node, other = nodes(), nodes()
+    node.publish(1, 2, 3)
+    running, *unstarted = [m.delivery_tag for m in node.consume(3)]
+    child = ProcessPresence(lambda: node.raw, node.keys, TTL)
+    assert child.starts(running)
+
+    queues = hand_back(node.channel, node.raw, node.keys, node.node.id, [running, *unstarted])
+
+    assert queues == {"hbq": 2}
+    copies = {m["properties"]["delivery_tag"] for m in queued(node)}
+    assert len(copies) == 2 and copies.isdisjoint([running, *unstarted])
+    assert set(node.raw.hkeys(node.key("unacked"))) == {running}
+    assert node.raw.smembers(node.node.held) == {running}
+    assert [child.starts(tag) for tag in unstarted] == [False, False]
+    assert child.starts(running)
+    assert hand_back(node.channel, node.raw, node.keys, node.node.id, unstarted) == {}
+    assert {m.delivery_tag for m in other.consume(2)} == copies
+    assert all(child.starts(tag) for tag in copies)
 
 
 def test_a_consumer_without_presence_is_left_to_kombu(

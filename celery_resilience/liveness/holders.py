@@ -28,6 +28,9 @@ from celery_resilience.liveness.keys import Keys, ms, process_id, script
 
 logger = logging.getLogger(__name__)
 
+STARTED_TTL = 60.0  # seconds a delivery's 'run' marker lasts: its node learns of the start
+# from the pool long before (a hand-back leaves the tasks its node knows are running)
+
 
 class ProcessPresence:
     """This process's presence as a lease holder, in the broker's Redis.
@@ -70,6 +73,23 @@ class ProcessPresence:
         finally:
             with self._cond:
                 self._holds -= 1
+
+    def starts(self, delivery_tag: str) -> bool:
+        """Mark the delivery ``delivery_tag`` started in this process; ``False`` when its
+        node handed the message back at warm shutdown (another copy runs the task), so
+        this one must not run. ``True`` when unknown (the broker did not answer)."""
+        try:
+            return bool(
+                script("start")(self.client, [self.keys.start(delivery_tag)], [ms(STARTED_TTL)])
+            )
+        except Exception as exc:
+            logger.warning(
+                "celery-resilience: could not mark delivery %s started: %s: %s",
+                delivery_tag,
+                type(exc).__name__,
+                exc,
+            )
+            return True
 
     def gone(self, presence_id: str) -> bool:
         """Whether the holder ``presence_id`` provably stopped (its presence expired while

@@ -9,6 +9,8 @@ Every key is named here once: ``{global_keyprefix}{key_prefix}:`` then
 * ``info``: hash, node id -> info (JSON), until the node leaves or is recovered;
 * ``held:{id}``: delivery tags of the messages the node holds;
 * ``recovering:{id}``: which live node is restoring a dead node's messages (a lease);
+* ``start:{tag}``: whether a delivery started in a pool child (``run``) or its node
+  handed the message back at warm shutdown (``back``), expiring;
 * ``lost``: the most recently lost nodes (JSON, newest first).
 
 Scripts are the ``.lua`` files of this package, each loaded once per client and run
@@ -64,6 +66,9 @@ class Keys:
 
     def recovering(self, node_id: str) -> str:
         return f"{self.prefix}recovering:{node_id}"
+
+    def start(self, delivery_tag: str) -> str:
+        return f"{self.prefix}start:{delivery_tag}"
 
 
 def new_node_id() -> str:

@@ -8,12 +8,16 @@ would (kombu's exchange lookup and priority key, the message marked redelivered)
 it is still there. A claimer that dies between the two is a dead node in turn: the
 tags are in its held set. A recovery lease (one node TTL, renewed by each claim) keeps
 two live nodes from recovering one dead node at once.
+
+:func:`hand_back` is the same restore for a live node's own messages that no pool
+child started, at warm shutdown (``start.lua`` is the child's side).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from celery_resilience.liveness.keys import MAX_LOST, Keys, execute, ms, script,
 logger = logging.getLogger(__name__)
 
 BATCH = 500  # messages per claim
+BACK_TTL = 86_400.0  # seconds a hand-back's marker waits for the child that would run it
 _LIVE, _MORE, _DONE = 0, 1, 2  # claim.lua's states
 
 
@@ -51,7 +56,7 @@ def recover(
     """
     info = _info(client, keys, dead)
     result = Recovered(dead, info)
-    claim, restore = script("claim"), script("restore")
+    claim = script("claim")
     prefix = channel.global_keyprefix or ""
     unacked = [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
     while True:
@@ -69,7 +74,7 @@ def recover(
         )
         state, flat = int(reply[0]), reply[1:]
         if flat:
-            _restore(channel, client, keys, claimer, unacked, flat, result.queues, restore)
+            _restore(channel, client, keys, claimer, unacked, flat, result.queues)
         if state == _DONE:
             result.finished = True
         if state != _MORE:
@@ -84,9 +89,13 @@ def _restore(
     unacked: list[str],
     flat: list[Any],
     counts: Counter[str],
-    restore: Any,
+    handing_back: bool = False,
 ) -> None:
-    """Push the claimed ``(tag, entry)`` pairs of ``flat`` back to their queues."""
+    """Push the claimed ``(tag, entry)`` pairs of ``flat`` back to their queues.
+
+    ``handing_back``: each only if no pool child marked it started, under a new delivery
+    tag (the old one's marker tells its child not to run it).
+    """
     from kombu.utils import json as kombu_json
 
     dumps: Callable[[Any], str] = kombu_json.dumps
@@ -115,16 +124,36 @@ def _restore(
         for queue in queues:
             key = prefix + channel._q_for_pri(queue, priority)
             indexes.append(targets.setdefault(key, len(targets) + 4))
-        args += [tag, dumps(payload), len(indexes), *indexes]
+        guard = 0
+        if handing_back:
+            guard = targets.setdefault(keys.start(tag), len(targets) + 4)
+            payload.setdefault("properties", {})["delivery_tag"] = str(uuid.uuid4())
+        args += [tag, dumps(payload), guard, len(indexes), *indexes]
         queues_of.append(queues)
     if unroutable:  # kept in kombu's unacked keys, so kombu's own sweep still restores it
         execute(client, "SREM", keys.held(claimer), *unroutable)
     if not args:
         return
-    flags = restore(client, [*unacked, keys.held(claimer), *targets], args)
+    flags = script("restore")(
+        client, [*unacked, keys.held(claimer), *targets], [ms(BACK_TTL), *args]
+    )
     for flag, queues in zip(flags, queues_of, strict=True):
         if int(flag):
             counts.update(queues)
+
+
+def hand_back(channel: Any, client: Any, keys: Keys, node: str, tags: list[str]) -> Counter[str]:
+    """Put the messages ``tags`` that ``node`` (this node) holds back on their queues,
+    except those a pool child has started meanwhile; return how many went to each queue.
+    """
+    prefix = channel.global_keyprefix or ""
+    unacked = [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
+    entries = execute(client, "HMGET", unacked[0], *tags) if tags else []
+    flat = [x for pair in zip(tags, entries, strict=True) if pair[1] is not None for x in pair]
+    counts: Counter[str] = Counter()
+    if flat:
+        _restore(channel, client, keys, node, unacked, flat, counts, handing_back=True)
+    return counts
 
 
 def _mark_redelivered(payload: dict[str, Any]) -> None:

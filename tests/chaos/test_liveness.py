@@ -613,12 +613,6 @@ def graceful_shutdown(chaos_module_clusters: Callable[..., ChaosCluster]) -> Gra
     return GracefulRun(cluster, victim, other, running, unstarted, terminated_at, killed_at)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: a SIGTERMed node keeps its unstarted (reserved) messages held for "
-    "its whole warm shutdown; kombu restores them only when the channel closes, after "
-    "the pool's join (docs/recovery.md, 'Graceful shutdown', says at once)",
-)
 def test_a_node_stopped_with_sigterm_hands_back_its_unstarted_tasks_at_once(
     graceful_shutdown: GracefulRun, chaos_summary: dict[str, Any]
 ) -> None:
