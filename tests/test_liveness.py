@@ -23,7 +23,6 @@ from celery_resilience.liveness.recovery import Recovered, hand_back
 from celery_resilience.owners import new_owner, presence_of
 from tests.support.broker import Broker, adopted_nodes
 
-
 TTL = 0.5  # seconds of presence of every node here
 
 
@@ -100,7 +99,8 @@ def test_a_warm_shutdown_hands_back_what_no_pool_child_started(
 
     assert queues == {"hbq": 2}
     copies = {m["properties"]["delivery_tag"] for m in queued(node)}
-    assert len(copies) == 2 and copies.isdisjoint([running, *unstarted])
+    assert len(copies) == 2
+    assert copies.isdisjoint([running, *unstarted])
     assert set(node.raw.hkeys(node.key("unacked"))) == {running}
     assert node.raw.smembers(node.node.held) == {running}
     assert [child.starts(tag) for tag in unstarted] == [False, False]
