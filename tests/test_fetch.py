@@ -25,7 +25,7 @@ from celery_resilience.heartbeat import sweep
 from tests.support.acl import acl_user
 from tests.support.broker import LONG_AGO, Broker
 
-# kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
+pytestmark = pytest.mark.kombu
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from celery_resilience.heartbeat import (
 from celery_resilience.liveness.node import adopt
 from tests.support.broker import LONG_AGO, VISIBILITY_TIMEOUT, Broker
 
-# kombu < 5.5 polls with redis-py's deprecated get_connection(command_name) under redis 6+.
+pytestmark = pytest.mark.kombu
 
 
 @pytest.fixture

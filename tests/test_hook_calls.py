@@ -159,6 +159,7 @@ def test_resilience_crash_budget_spent_comes_before_the_give_up(
     assert gave_up["outcome"].reason == "worker_lost"
 
 
+@pytest.mark.kombu
 def test_resilience_node_lost_when_a_nodes_presence_expires(
     redis_url: str, key_prefix: str, observer: Recorder
 ) -> None:

@@ -23,6 +23,8 @@ from celery_resilience.liveness.recovery import Recovered, hand_back
 from celery_resilience.owners import new_owner, presence_of
 from tests.support.broker import Broker, adopted_nodes
 
+pytestmark = pytest.mark.kombu
+
 TTL = 0.5  # seconds of presence of every node here
 
 

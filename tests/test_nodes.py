@@ -32,6 +32,8 @@ from celery_resilience.nodes import Nodes, read_nodes
 from tests.cli_support import nodes_app
 from tests.support.broker import Broker, adopted_nodes
 
+pytestmark = pytest.mark.kombu
+
 ROOT = Path(__file__).resolve().parents[1]
 AMQP_URL = os.environ.get("CELERY_RESILIENCE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TTL = 0.5  # seconds of presence of every node here

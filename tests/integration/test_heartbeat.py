@@ -25,7 +25,7 @@ import pytest
 from .harness import wait_until
 from .heartbeat_cluster import HeartbeatCluster
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.kombu]
 
 VT = 4.0  # the visibility timeout of every cluster, seconds
 HELD_S = 3 * VT  # how long the held tasks run, or wait for their ETA

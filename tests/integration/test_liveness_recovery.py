@@ -20,7 +20,7 @@ from . import heartbeat_app as hb
 from .harness import wait_until
 from .heartbeat_cluster import HeartbeatCluster, on_host, skewed_clock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.kombu]
 
 READY_TIMEOUT_S = 30.0
 DEFAULT_VT = 3600.0
