@@ -114,7 +114,8 @@ def test_alert_rules_name_only_metrics_that_exist() -> None:
 
 
 def test_alert_rules_cover_what_operators_must_hear_about() -> None:
-    """Retries climbing, dead letters, a growing DLQ, quarantines and lock contention."""
+    """Retries climbing, dead letters, a growing DLQ, quarantines, lock contention and
+    lost worker nodes."""
     rules = {rule["alert"]: rule for rule in alert_rules()}
     assert set(rules) == {
         "CeleryResilienceRetriesClimbing",
@@ -122,6 +123,7 @@ def test_alert_rules_cover_what_operators_must_hear_about() -> None:
         "CeleryResilienceDLQGrowing",
         "CeleryResilienceCrashBudgetQuarantine",
         "CeleryResilienceLockContention",
+        "CeleryResilienceNodeLost",
     }
     assert 'reason="worker_lost"' in rules["CeleryResilienceCrashBudgetQuarantine"]["expr"]
     for rule in rules.values():
@@ -216,6 +218,9 @@ tests:
         values: '0+120x460'
       - series: 'celery_resilience_lock_contended_total{task="t.calm",instance="w1"}'
         values: '0+30x460'
+      # A node lost at 50 min, counted by the worker that recovered it (its first sample).
+      - series: 'celery_resilience_nodes_lost_total{instance="w2"}'
+        values: '_x50 1x410'
     alert_rule_test:
       - eval_time: 455m
         alertname: CeleryResilienceRetriesClimbing
@@ -246,6 +251,16 @@ tests:
         alertname: CeleryResilienceLockContention
         exp_alerts:
           - exp_labels: {severity: warning, task: t.locked}
+      - eval_time: 45m
+        alertname: CeleryResilienceNodeLost
+        exp_alerts: []
+      - eval_time: 55m
+        alertname: CeleryResilienceNodeLost
+        exp_alerts:
+          - exp_labels: {severity: warning}
+      - eval_time: 90m
+        alertname: CeleryResilienceNodeLost
+        exp_alerts: []
 """
 
 
