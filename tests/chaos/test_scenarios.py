@@ -42,10 +42,11 @@ def record(summary: dict[str, Any], name: str, lines: list[str], **figures: Any)
 def test_a_node_killed_mid_task_under_a_30s_timeout_restarts_it_on_another_node_within_60s(
     chaos_clusters: Callable[..., ChaosCluster], chaos_summary: dict[str, Any]
 ) -> None:
-    """SIGKILL the whole node (process group) running a task, 3 s into it: its message
-    ages in ``unacked`` without the dead node's heartbeat, a live node's sweep restores
-    it half a timeout after the dead node's last refresh (+ at most one 1.5 s sweep
-    interval), and it runs to one completion on the other node."""
+    """SIGKILL the whole node (process group) running a task, 3 s into it, under a 30 s
+    visibility timeout: the dead node's presence expires (``resilience_node_ttl``, 6 s),
+    a live node's liveness sweep puts its message back, and it runs to one completion
+    on the other node. The timeout is only the backstop; tests/chaos/test_liveness.py
+    measures this path over many kills."""
     cluster = chaos_clusters("nodekill", visibility_timeout=NODE_KILL_VT)
     cluster.start("a", "b")
     tag = uuid.uuid4().hex[:8]
@@ -68,7 +69,6 @@ def test_a_node_killed_mid_task_under_a_30s_timeout_restarts_it_on_another_node_
     finally:
         cluster.release(tag)
     recovery = starts[1]["t"] - killed_at
-    tick, every = min(NODE_KILL_VT / 4, 30.0), min(NODE_KILL_VT / 20, 2.0)
     state = wait_until(
         lambda: result.state if result.state in {"SUCCESS", "FAILURE"} else None,
         "the task to finish",
@@ -82,8 +82,7 @@ def test_a_node_killed_mid_task_under_a_30s_timeout_restarts_it_on_another_node_
         [
             f"recovery (SIGKILL of node -> start on {starts[1]['node']}): {recovery:.2f} s "
             f"(target {NODE_KILL_TARGET_S:g} s, hard limit {NODE_KILL_LIMIT_S:g} s; "
-            f"documented bound: timeout/2 - one tick to timeout/2 + one sweep interval = "
-            f"{NODE_KILL_VT / 2 - tick:g}-{NODE_KILL_VT / 2 + every:g} s)"
+            f"by liveness: node TTL 6 s + one sweep, at most 1 s)"
         ],
         recovery_s=round(recovery, 2),
         visibility_timeout_s=NODE_KILL_VT,
