@@ -32,7 +32,7 @@ from celery_resilience.errors import (
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.outcome import GiveUp
 from celery_resilience.plugins import get_plugin_manager
-from celery_resilience.runtime import install
+from celery_resilience.worker import install
 
 __all__ = [
     "Attempt",

@@ -17,7 +17,7 @@ from celery_resilience.gate import Gate
 from celery_resilience.headers import stamping
 from celery_resilience.locks import LockSpec, check_template
 from celery_resilience.options import ResilientOptions
-from celery_resilience.runtime import install
+from celery_resilience.worker import install
 
 T = TypeVar("T")
 

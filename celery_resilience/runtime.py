@@ -1,7 +1,8 @@
 """Per-app state: validated settings, the plugin manager and the coordination backend.
 
 Built lazily and once per process (a forked prefork child builds its own, so no
-connection crosses a fork). ``install`` is the explicit entry point.
+connection crosses a fork). What a worker adds to an app (``install()``, the boot
+steps) is in celery_resilience.worker, which imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -165,24 +166,3 @@ def runtime(app: Any) -> Runtime:
             )
             _runtimes[app] = rt
         return rt
-
-
-def install(app: Any, *, validate: bool = True) -> None:
-    """Install celery-resilience into ``app``. Idempotent.
-
-    Adds the worker boot step that checks settings and backends at worker start.
-    With ``validate`` (the default) the settings are read and checked now, raising
-    ``ConfigurationError`` on a bad one; ``@resilient`` installs with
-    ``validate=False`` so that decorating a task does not load the app's
-    configuration early.
-    """
-    if not getattr(app, "_celery_resilience_installed", False):
-        from celery_resilience.heartbeat import VisibilityHeartbeat
-        from celery_resilience.worker import ResilienceBootstep
-
-        app.steps["worker"].add(ResilienceBootstep)
-        app.steps["worker"].add("celery_resilience.exporters:MetricsBootstep")
-        app.steps["consumer"].add(VisibilityHeartbeat)
-        app._celery_resilience_installed = True
-    if validate:
-        runtime(app)

@@ -36,7 +36,7 @@ from celery_resilience import (
     install,
     resilient,
 )
-from celery_resilience.exporters import DeadLetterCounts, MetricsBootstep
+from celery_resilience.exporters import DeadLetterCounts
 from celery_resilience.exporters import otel as otel_exporter
 from celery_resilience.exporters import prometheus as prom_exporter
 from celery_resilience.exporters.otel import OtelExporter
@@ -46,6 +46,7 @@ from celery_resilience.exporters.prometheus import (
     PrometheusExporter,
     require_prometheus_client,
 )
+from celery_resilience.worker import MetricsBootstep
 from tests.recorder import recording
 from tests.support.admissions import hold, lost_deliveries
 

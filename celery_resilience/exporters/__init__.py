@@ -1,4 +1,4 @@
-"""Metrics exporters: built-in plugins on the observer hooks, and the worker step they need.
+"""Metrics exporters: built-in plugins on the observer hooks, and what they share.
 
 ``celery_resilience.exporters.prometheus`` and ``celery_resilience.exporters.otel``
 are ordinary plugins registered by ``celery_resilience.get_plugin_manager``; a
@@ -6,9 +6,10 @@ StatsD or Datadog exporter is one more module implementing the same hooks. Their
 optional dependencies are imported on first use, never when this package is imported.
 
 The hooks run where the event happens (a prefork child, an eager caller, the CLI).
-What only the worker's main process can do, ``MetricsBootstep`` does: serve
-Prometheus' ``/metrics`` on ``resilience_prometheus_port`` and report the number of
-dead letters. See docs/metrics.md.
+What only the worker's main process can do, ``celery_resilience.worker.MetricsBootstep``
+does: serve Prometheus' ``/metrics`` on ``resilience_prometheus_port`` and report the
+number of dead letters. The exporters import neither the worker nor the per-app
+runtime. See docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -18,17 +19,9 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from celery import bootsteps
-
-from celery_resilience.errors import ResilienceError
 from celery_resilience.options import options_of
-from celery_resilience.runtime import runtime
-
-if TYPE_CHECKING:
-    from celery_resilience.exporters.otel import DeadLetterGauge
-    from celery_resilience.exporters.prometheus import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -154,64 +147,3 @@ class DeadLetterCounts:
         except Exception as exc:  # a scrape must still answer, with the other metrics
             logger.warning("celery-resilience: could not count dead letters: %r", exc)
             return None
-
-
-class MetricsBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Runs in the worker's main process what the metrics exporters need there.
-
-    With ``resilience_prometheus_port`` set: prepares prometheus_client's multiprocess
-    directory while the worker is being built (before the pool forks a child, so every
-    child counts into it), then serves ``/metrics`` once the pool runs. With
-    opentelemetry-api installed: reports the number of dead letters as an observable
-    gauge to the application's MeterProvider.
-    """
-
-    label = "celery-resilience metrics"
-    # Started after the pool and stopped before it; create() runs before any start.
-    requires = ("celery.worker.components:Pool",)
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.prometheus: MetricsServer | None = None
-        self.otel_gauge: DeadLetterGauge | None = None
-
-    def create(self, worker: Any) -> None:
-        try:
-            port = runtime(worker.app).settings.prometheus_port
-        except ResilienceError:
-            return None  # ResilienceBootstep fails the start with the reason
-        if port is None:
-            return None
-        from celery_resilience.exporters.prometheus import MetricsServer, prometheus_addr
-
-        try:
-            self.prometheus = MetricsServer(worker.app, port, prometheus_addr(worker.app))
-            self.prometheus.prepare()
-        except ResilienceError as exc:
-            logger.critical("celery-resilience: %s", exc)
-            raise SystemExit(1) from exc
-        return None
-
-    def start(self, worker: Any) -> None:
-        if self.prometheus is not None:
-            try:
-                self.prometheus.start()
-            except ResilienceError as exc:
-                logger.critical("celery-resilience: %s", exc)
-                raise SystemExit(1) from exc
-        from celery_resilience.exporters.otel import observe_dead_letters
-
-        try:
-            self.otel_gauge = observe_dead_letters(worker.app)
-        except Exception:  # an observer never stops the worker
-            logger.exception("celery-resilience: could not report dead letters to OpenTelemetry")
-
-    def stop(self, worker: Any) -> None:
-        if self.prometheus is not None:
-            self.prometheus.stop()
-        if self.otel_gauge is not None:
-            self.otel_gauge.close()
-            self.otel_gauge = None
-
-    def terminate(self, worker: Any) -> None:
-        self.stop(worker)

@@ -50,13 +50,6 @@ def require_prometheus_client(why: str) -> None:
         raise MissingExtraError(f"{why} needs prometheus-client: {INSTALL_HINT}") from None
 
 
-def prometheus_addr(app: Any) -> str:
-    """Where ``/metrics`` binds: ``resilience_prometheus_addr``, default all interfaces."""
-    from celery_resilience.runtime import runtime
-
-    return runtime(app).settings.prometheus_addr
-
-
 class _Metrics:
     """The counters and the histogram of one registry, created on a process' first event."""
 

@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery
 
 from celery_resilience import Backoff, resilient
-from celery_resilience.exporters import MetricsBootstep
+from celery_resilience.worker import MetricsBootstep
 from tests.support.apps import ProcessRedis, worker_settings
 
 # Environment variables the workers are configured with.
