@@ -23,7 +23,7 @@ from celery_resilience.urls import mask_url
 
 if TYPE_CHECKING:
     from celery_resilience.exporters.otel import DeadLetterGauge
-    from celery_resilience.exporters.prometheus import MetricsServer
+    from celery_resilience.exporters.prometheus_server import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class MetricsBootstep(bootsteps.StartStopStep):  # type: ignore[misc]
             return None  # ResilienceBootstep fails the start with the reason
         if settings.prometheus_port is None:
             return None
-        from celery_resilience.exporters.prometheus import MetricsServer
+        from celery_resilience.exporters.prometheus_server import MetricsServer
 
         try:
             self.prometheus = MetricsServer(

@@ -42,10 +42,10 @@ from celery_resilience.exporters import prometheus as prom_exporter
 from celery_resilience.exporters.otel import OtelExporter
 from celery_resilience.exporters.prometheus import (
     DeadLetterCollector,
-    MultiprocessDirectory,
     PrometheusExporter,
     require_prometheus_client,
 )
+from celery_resilience.exporters.prometheus_server import MultiprocessDirectory
 from celery_resilience.worker import MetricsBootstep
 from tests.recorder import recording
 from tests.support.admissions import hold, lost_deliveries

@@ -25,6 +25,7 @@ EXPORTERS = {
     "celery_resilience.exporters",
     "celery_resilience.exporters.otel",
     "celery_resilience.exporters.prometheus",
+    "celery_resilience.exporters.prometheus_server",
 }
 # Leaves: what each may not import, even inside a function. The exporters are plugins
 # on the observer hooks, so they need no per-app runtime and no plugin manager.
