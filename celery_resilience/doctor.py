@@ -20,14 +20,13 @@ from celery_resilience import liveness
 from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
 from celery_resilience.backends.redis import REDIS_SCHEMES, storage
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
-from celery_resilience.liveness import REDIS_BROKERS
+from celery_resilience.liveness import DEFAULT_VISIBILITY_TIMEOUT, REDIS_BROKERS
 from celery_resilience.options import options_of
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import Settings, broker_url, unshared_backend
 from celery_resilience.urls import mask_url
 
 _AMQP = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
-DEFAULT_VISIBILITY_TIMEOUT = 3600.0  # kombu's Redis transport, seconds
 DEFAULT_CONSUMER_TIMEOUT = 1800.0  # RabbitMQ >= 3.8.15, seconds
 REQUEUE_MARGIN = 10.0  # seconds a worker needs after soft shutdown to requeue
 DEFAULT_AMQP_HEARTBEAT = 60.0  # RabbitMQ's server-side heartbeat timeout, seconds

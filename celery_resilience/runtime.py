@@ -26,8 +26,6 @@ from celery_resilience.urls import mask_url
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_VISIBILITY_TIMEOUT = 3600.0  # kombu's Redis transport default, in seconds
-
 
 @dataclass
 class Runtime:
@@ -138,7 +136,7 @@ def _countdown_cap(conf: Any, settings: Settings) -> float | None:
     if not isinstance(broker, str) or not broker.lower().startswith(liveness.REDIS_BROKERS):
         return None
     options = conf.get("broker_transport_options") or {}
-    timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
+    timeout = options.get("visibility_timeout", liveness.DEFAULT_VISIBILITY_TIMEOUT)
     return float(timeout) / 2
 
 

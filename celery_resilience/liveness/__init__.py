@@ -25,6 +25,11 @@ from celery_resilience.liveness.keys import Keys
 from celery_resilience.settings import Settings, broker_url
 
 REDIS_BROKERS = ("redis://", "rediss://", "sentinel://", "redis+socket://")
+"""Broker URL schemes served by kombu's Redis transport, whose workers keep presence."""
+
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+"""kombu's Redis transport's visibility timeout, in seconds, when
+``broker_transport_options`` sets none."""
 
 
 def enabled(conf: Mapping[str, Any], settings: Settings) -> bool:
