@@ -38,6 +38,17 @@ def _start_time(pid: int) -> str:
     return fields[19].decode() if len(fields) > 19 else "-"
 
 
+def process_exists(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this machine (a zombie does too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return True
+
+
 def new_owner(nodename: str, task_id: str, presence: str | None = None) -> str:
     """A unique owner string for one delivery of ``task_id`` in this process, which keeps
     the presence id ``presence`` (if any) while it holds the leases."""
@@ -60,12 +71,8 @@ def holder_is_dead(owner: str) -> bool:
     pid, started = int(parts[1]), parts[2]
     if pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_exists(pid):
         return True
-    except PermissionError:
-        pass  # exists, owned by someone else
     fields = _stat(pid)
     if fields[:1] == [b"Z"]:
         return True  # killed, not yet reaped by its parent

@@ -25,6 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from celery_resilience.errors import ResilienceError
 from celery_resilience.exporters.prometheus import DeadLetterCollector, require_prometheus_client
+from celery_resilience.owners import process_exists
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -39,16 +40,6 @@ COMPACT_EVERY_S = 60.0
 # Files that MultiProcessCollector sums across processes, as <type>_<pid>.db.
 _SUMMED_FILE = re.compile(r"^(counter|histogram|summary)_(\d+)\.db$")
 _GAUGE_FILE = re.compile(r"^gauge_[a-z]+_(\d+)\.db$")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # somebody else's process
-    return True
 
 
 class MultiprocessDirectory:
@@ -108,7 +99,7 @@ class MultiprocessDirectory:
             else:
                 continue
             pids.add(pid)
-        dead = {pid for pid in pids if pid != os.getpid() and not _alive(pid)}
+        dead = {pid for pid in pids if pid != os.getpid() and not process_exists(pid)}
         for kind, by_pid in summed.items():
             # A pid reused by a new process between the check and the removal would
             # lose that process' first counts; pids are not reused that fast.
