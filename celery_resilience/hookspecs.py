@@ -31,7 +31,7 @@ def resilience_coordination_backend(url: str, settings: Settings) -> Coordinatio
     Called once per process when a resilient task first runs (and at worker start to
     check the backend answers). Return ``None`` when ``url``'s scheme is not yours;
     the first non-``None`` result is used. Built in: ``memory://``, ``redis://``,
-    ``rediss://``.
+    ``rediss://``, ``unix://``.
 
     :param url: the ``resilience_url`` setting, password included.
     :param settings: all validated settings (``key_prefix`` namespaces your keys).
@@ -45,7 +45,7 @@ def resilience_dlq_backend(url: str, settings: Settings) -> DeadLetterBackend | 
     Called once per process on the first dead letter, at worker start, and by
     ``DeadLetterQueue`` and the CLI. Return ``None`` when ``url``'s scheme is not
     yours; the first non-``None`` result is used. Built in: ``memory://``,
-    ``redis://``, ``rediss://``.
+    ``redis://``, ``rediss://``, ``unix://``.
 
     :param url: the ``resilience_dlq_url`` setting (``resilience_url`` when unset).
     :param settings: all validated settings.
