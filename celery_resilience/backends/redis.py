@@ -1,13 +1,16 @@
-"""``redis://`` and ``rediss://``: the coordination backend on Redis or Valkey.
+"""``redis://``, ``rediss://`` and ``unix://``: the coordination backend on Redis or Valkey.
 
-Each operation that must be atomic is one Lua script, so a successful delivery costs
+Each operation that must be atomic is one Lua script (``lua/*.lua`` beside this
+module, each with its KEYS and ARGV in its header), so a successful delivery costs
 two round trips: ``admit`` before the body and ``finish`` after it (a body longer than
 a third of the lease TTL adds one renewal per third).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from celery_resilience.backends.base import Admission, AdmitResult
@@ -18,120 +21,6 @@ from celery_resilience.urls import mask_url
 
 if TYPE_CHECKING:
     import redis
-
-# Shared by ADMIT: whether lease/mark value `v` is this delivery's own (ARGV[1]) or
-# an adoptable owner's (ARGV[6..]).
-_OWN = """
-local function own(v)
-  if not v then return false end
-  for i = 6, #ARGV do
-    if v == ARGV[i] then return true end
-  end
-  return v == ARGV[1]
-end
-"""
-
-# KEYS: 1 completion record, 2 run lease, 3 start mark, 4 crash count,
-#       [5 lock lease, 6 fencing counter]
-# ARGV: 1 owner, 2 publish id, 3 lease ttl ms, 4 max crashes, 5 record ttl ms,
-#       6.. adoptable owners
-# Returns {status, crashes, fencing token, lease ms left, holder, 1 if a lost
-# predecessor was counted}; status 0 admitted,
-# 1 duplicate, 2 crash budget spent, 3 lock contended, 4 running elsewhere.
-# Reads everything before its first write (Redis does not roll a script back).
-ADMIT = (
-    _OWN
-    + """
-local done = redis.call('GET', KEYS[1])
-if done and (done == ARGV[2] or done == '1' or ARGV[2] == '') then
-  return {1, 0, 0, 0, false, 0}
-end
-local run = redis.call('GET', KEYS[2])
-if run and not own(run) then
-  return {4, 0, 0, redis.call('PTTL', KEYS[2]), run, 0}
-end
-local crashes = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
-local started = redis.call('GET', KEYS[3])
-local holder = false
-if #KEYS >= 5 then holder = redis.call('GET', KEYS[5]) end
-local lost = 0
-if started and not own(started) and not run then
-  lost = 1
-  crashes = crashes + 1
-  redis.call('SET', KEYS[4], crashes, 'PX', ARGV[5])
-  redis.call('DEL', KEYS[3])
-  started = false
-end
-if crashes >= tonumber(ARGV[4]) then
-  return {2, crashes, 0, 0, false, lost}
-end
-if holder and not own(holder) then
-  if run then redis.call('DEL', KEYS[2]) end
-  if started then redis.call('DEL', KEYS[3]) end
-  return {3, crashes, 0, redis.call('PTTL', KEYS[5]), holder, lost}
-end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
-if #KEYS < 5 then
-  return {0, crashes, 0, 0, false, lost}
-end
-redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[3])
--- token = max(previous + 1, server time in microseconds): increasing even after
--- the counter of a key idle for the record ttl expired.
-local now = redis.call('TIME')
-local token = math.max(tonumber(redis.call('GET', KEYS[6]) or '0') + 1,
-                       tonumber(now[1]) * 1000000 + tonumber(now[2]))
-redis.call('SET', KEYS[6], string.format('%.0f', token), 'PX', ARGV[5])
-return {0, crashes, token, 0, false, lost}
-"""
-)
-
-# KEYS: 1 completion record, 2 run lease, 3 start mark, 4 crash count, [5 lock lease]
-# ARGV: 1 owner, 2 "1" when the body succeeded, 3 record ttl ms, 4 publish id
-# Returns 1 when this call released the lock lease, else 0.
-FINISH = """
-if ARGV[2] == '1' then
-  local record = ARGV[4]
-  if record == '' then record = '1' end
-  redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
-end
-redis.call('DEL', KEYS[4])
-for i = 2, 3 do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
-end
-if #KEYS >= 5 and redis.call('GET', KEYS[5]) == ARGV[1] then
-  redis.call('DEL', KEYS[5])
-  return 1
-end
-return 0
-"""
-
-# KEYS: the run lease [, the lock lease]. ARGV: 1 owner.
-# Returns 1 if any of them was the owner's and was deleted, else 0.
-RELEASE = """
-local released = 0
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i])
-    released = 1
-  end
-end
-return released
-"""
-
-# KEYS: the run lease [, the lock lease]. ARGV: 1 owner, 2 lease ttl ms.
-# Renews each lease the owner holds; returns 1 if it held all of them, 0 if one was lost.
-RENEW = """
-local held = 1
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
-  else
-    held = 0
-  end
-end
-return held
-"""
 
 _STATUS = {
     0: Admission.ADMITTED,
@@ -223,6 +112,12 @@ def storage(url: str, role: str) -> Storage:
     )
 
 
+@functools.cache
+def lua(name: str) -> str:
+    """The text of the script ``lua/{name}.lua`` beside this module, read once per process."""
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -234,10 +129,10 @@ class RedisCoordinationBackend:
         self.url = mask_url(url)
         self._prefix = key_prefix
         self._client = connect(url, "coordination")
-        self._admit = self._client.register_script(ADMIT)
-        self._finish = self._client.register_script(FINISH)
-        self._renew = self._client.register_script(RENEW)
-        self._release = self._client.register_script(RELEASE)
+        self._admit = self._client.register_script(lua("admit"))
+        self._finish = self._client.register_script(lua("finish"))
+        self._renew = self._client.register_script(lua("renew"))
+        self._release = self._client.register_script(lua("release"))
 
     def _keys(self, task_id: str, lock_key: str | None) -> list[str]:
         p = self._prefix
