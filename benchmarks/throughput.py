@@ -574,16 +574,13 @@ def _thread_ns(pid: int, field: int = 0) -> dict[int, float]:
 
 
 def _script_shas() -> dict[str, str]:
+    """The coordination backend's scripts by SHA1, to name them in MONITOR's output."""
     try:
         from celery_resilience.backends import redis as backend
     except ImportError:
         return {}
-    names = {"ADMIT": "admit", "FINISH": "finish", "RENEW": "renew"}
-    return {
-        hashlib.sha1(getattr(backend, attr).encode()).hexdigest(): name
-        for attr, name in names.items()
-        if isinstance(getattr(backend, attr, None), str)
-    }
+    names = ("admit", "finish", "renew", "release")
+    return {hashlib.sha1(backend.lua(name).encode()).hexdigest(): name for name in names}
 
 
 class Monitor:
