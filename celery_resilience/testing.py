@@ -1,0 +1,1149 @@
+"""Helpers for your own tests: a hook recorder, an eager app, the backend contract suites.
+
+``HookRecorder`` records the observer hook calls of the code under test,
+``eager_app`` builds a Celery app that runs resilient tasks eagerly on a private
+``memory://`` store, and ``CoordinationBackendContract`` and
+``DeadLetterBackendContract`` are the test suites every built-in backend passes:
+subclass one and a plugin's backend is checked exactly as the built-ins are.
+
+Only the contract suites need pytest, and they import it when one is subclassed (in a
+test module); the recorder and the app factory work without it (unittest, the demo).
+``import celery_resilience`` does not import this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from celery import Celery
+
+from celery_resilience.backends.base import (
+    Admission,
+    AdmitResult,
+    CoordinationBackend,
+    DeadLetterBackend,
+    Page,
+)
+from celery_resilience.deadletter import DeadLetter, RawBody
+from celery_resilience.errors import ConfigurationError
+from celery_resilience.hookspecs import hookimpl
+from celery_resilience.plugins import get_plugin_manager
+from celery_resilience.runtime import build_backend, build_dlq_backend, runtime
+from celery_resilience.settings import load_settings
+
+if TYPE_CHECKING:
+    import pytest
+
+    from celery_resilience.outcome import GiveUp
+
+__all__ = [
+    "CoordinationBackendContract",
+    "DeadLetterBackendContract",
+    "HookCall",
+    "HookRecorder",
+    "backend_for",
+    "dlq_backend_for",
+    "eager_app",
+    "record_hooks",
+]
+
+# -- the hook recorder ------------------------------------------------------------------
+
+
+class HookCall(NamedTuple):
+    """One observer hook call: the hook's name without ``resilience_``, and its arguments."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+class HookRecorder:
+    """A plugin that records every observer hook call, in order, in ``calls``.
+
+    Register it with ``celery_resilience.get_plugin_manager`` (or use
+    ``record_hooks``). ``listener``, when given, is also called with each
+    ``HookCall`` as it is recorded (to forward events elsewhere). The provider
+    hooks, which choose a backend, are not recorded.
+    """
+
+    def __init__(self, listener: Callable[[HookCall], None] | None = None) -> None:
+        self.calls: list[HookCall] = []
+        self._listener = listener
+
+    def of(self, hook: str) -> list[dict[str, Any]]:
+        """The arguments of each call of ``hook`` (with or without ``resilience_``)."""
+        name = hook.removeprefix("resilience_")
+        return [call.arguments for call in self.calls if call.name == name]
+
+    def names(self) -> list[str]:
+        """The hooks called so far, in order (without the ``resilience_`` prefix)."""
+        return [call.name for call in self.calls]
+
+    def _record(self, hook: str, arguments: dict[str, Any]) -> None:
+        call = HookCall(hook, {k: v for k, v in arguments.items() if k != "self"})
+        self.calls.append(call)
+        if self._listener is not None:
+            self._listener(call)
+
+    @hookimpl
+    def resilience_retry_scheduled(
+        self, task_name: str, task_id: str, attempt: int, reason: str, countdown: float
+    ) -> None:
+        self._record("retry_scheduled", locals())
+
+    @hookimpl
+    def resilience_lock_contended(
+        self, task_name: str, task_id: str, lock_key: str, lease_remaining: float
+    ) -> None:
+        self._record("lock_contended", locals())
+
+    @hookimpl
+    def resilience_redelivery_seen(
+        self, task_name: str, task_id: str, attempt: int, deliveries: int
+    ) -> None:
+        self._record("redelivery_seen", locals())
+
+    @hookimpl
+    def resilience_crash_budget_spent(
+        self, task_name: str, task_id: str, attempt: int, deliveries: int, max_crashes: int
+    ) -> None:
+        self._record("crash_budget_spent", locals())
+
+    @hookimpl
+    def resilience_duplicate_suppressed(self, task_name: str, task_id: str) -> None:
+        self._record("duplicate_suppressed", locals())
+
+    @hookimpl
+    def resilience_node_lost(self, node: str, nodename: str, recovered: dict[str, int]) -> None:
+        self._record("node_lost", locals())
+
+    @hookimpl
+    def resilience_task_gave_up(self, outcome: GiveUp) -> None:
+        self._record("task_gave_up", locals())
+
+    @hookimpl
+    def resilience_dead_letter_stored(self, entry: DeadLetter, trimmed: int) -> None:
+        self._record("dead_letter_stored", locals())
+
+    @hookimpl
+    def resilience_dead_letter_replayed(self, entry: DeadLetter, task_id: str) -> None:
+        self._record("dead_letter_replayed", locals())
+
+    @hookimpl
+    def resilience_dead_letter_deleted(self, entry_id: str) -> None:
+        self._record("dead_letter_deleted", locals())
+
+    @hookimpl
+    def resilience_dead_letters_purged(self, task_name: str | None, count: int) -> None:
+        self._record("dead_letters_purged", locals())
+
+
+@contextmanager
+def record_hooks() -> Iterator[HookRecorder]:
+    """A ``HookRecorder`` registered with the plugin manager for the block."""
+    recorder = HookRecorder()
+    manager = get_plugin_manager()
+    manager.register(recorder)
+    try:
+        yield recorder
+    finally:
+        manager.unregister(recorder)
+
+
+# -- the eager app ----------------------------------------------------------------------
+
+
+@contextmanager
+def eager_app(*plugins: object, **conf: Any) -> Iterator[Celery]:
+    """A Celery app that runs tasks eagerly, on a ``memory://`` URL of its own.
+
+    The broker and the resilience backends (coordination and DLQ) are
+    ``memory://<unique>``, so nothing is shared with another app or test; ``conf``
+    overrides or adds settings (``resilience_url=...`` for another backend). The
+    ``plugins`` are registered with the plugin manager for the block. On exit the
+    backends the app built are closed, the app is closed and the plugins unregistered.
+    """
+    url = f"memory://eager-{uuid.uuid4().hex[:12]}"
+    app = Celery(f"eager-{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update({"broker_url": url, "task_always_eager": True, "resilience_url": url, **conf})
+    manager = get_plugin_manager()
+    for plugin in plugins:
+        manager.register(plugin)
+    try:
+        yield app
+    finally:
+        for plugin in plugins:
+            manager.unregister(plugin)
+        _close_backends(app)
+        app.close()
+
+
+def _close_backends(app: Celery) -> None:
+    """Close the backends ``app``'s runtime built in this process, building none."""
+    try:
+        rt = runtime(app)
+    except ConfigurationError:  # settings a test made invalid on purpose: nothing built
+        return
+    for backend in (rt._backend, rt._dlq):
+        if backend is not None:
+            backend.close()
+
+
+# -- building backends as the library does -----------------------------------------------
+
+
+def backend_for(url: str, key_prefix: str = "celery_resilience") -> CoordinationBackend:
+    """The coordination backend of ``url``, built as an app builds it: through the plugins.
+
+    The plugin serving ``url`` must be registered (installed with its entry point, or
+    registered with ``celery_resilience.get_plugin_manager``).
+    """
+    settings = load_settings(
+        {"resilience_url": url, "resilience_key_prefix": key_prefix}, environ={}
+    )
+    return build_backend(get_plugin_manager(), settings)
+
+
+def dlq_backend_for(url: str, key_prefix: str = "celery_resilience") -> DeadLetterBackend:
+    """The dead-letter queue backend of ``url``, built through the plugins like an app's."""
+    settings = load_settings(
+        {"resilience_url": url, "resilience_key_prefix": key_prefix}, environ={}
+    )
+    return build_dlq_backend(get_plugin_manager(), settings)
+
+
+# -- the contract suites ----------------------------------------------------------------
+
+_Test = TypeVar("_Test", bound=Callable[..., None])
+
+
+def _cases(
+    argnames: tuple[str, ...], argvalues: list[Any], ids: list[str]
+) -> Callable[[_Test], _Test]:
+    """``pytest.mark.parametrize`` without importing pytest: ``_Contract`` applies it."""
+
+    def mark(test: _Test) -> _Test:
+        test._contract_cases = (argnames, argvalues, ids)  # type: ignore[attr-defined]
+        return test
+
+    return mark
+
+
+class _Contract:
+    """A suite pytest runs in each ``Test*`` subclass, whose ``backend_factory`` it uses."""
+
+    _fixture_name = ""
+    """The fixture each test of the suite takes: built by ``_backend`` from the factory."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls._fixture_name
+        if cls.__module__ != __name__ and not hasattr(cls, name):
+            import pytest  # only now: a suite is subclassed, in a test module
+
+            suite = next(c for c in cls.__mro__ if "_fixture_name" in vars(c))
+            setattr(suite, name, pytest.fixture(_Contract._backend, name=name))
+
+    def _backend(self, backend_factory: Callable[..., Any]) -> Iterator[Any]:
+        backend = backend_factory()
+        yield backend
+        backend.close()
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Parametrize the tests marked with ``_cases`` (pytest calls this per test; a
+        subclass that defines its own calls ``super().pytest_generate_tests``)."""
+        cases = getattr(metafunc.function, "_contract_cases", None)
+        if cases is not None:
+            argnames, argvalues, ids = cases
+            metafunc.parametrize(argnames, argvalues, ids=ids)
+
+
+_SHORT_LEASE = 0.2
+"""A lease TTL (seconds) short enough for a test to wait it out."""
+
+_ADMIT: dict[str, Any] = {
+    "owner": "o1",
+    "publish": "p1",
+    "lock_key": None,
+    "lease_ttl": 30.0,
+    "max_crashes": 3,
+    "record_ttl": 60.0,
+}
+_FINISH: dict[str, Any] = {
+    "owner": "o1",
+    "publish": "p1",
+    "lock_key": None,
+    "succeeded": True,
+    "record_ttl": 60.0,
+}
+
+
+def _admit(backend: CoordinationBackend, task_id: str, **kw: Any) -> AdmitResult:
+    """``backend.admit`` with the ``ADMIT`` arguments, overridden by ``kw``."""
+    return backend.admit(task_id, **{**_ADMIT, **kw})
+
+
+def _finish(backend: CoordinationBackend, task_id: str, **kw: Any) -> bool:
+    """``backend.finish`` with the ``FINISH`` arguments, overridden by ``kw``."""
+    return backend.finish(task_id, **{**_FINISH, **kw})
+
+
+def _lose(
+    backend: CoordinationBackend, task_id: str, owner: str, lock_key: str | None = None
+) -> None:
+    """Admit a delivery of ``owner`` that then dies: its leases expire unfinished."""
+    result = _admit(backend, task_id, owner=owner, lock_key=lock_key, lease_ttl=_SHORT_LEASE)
+    assert result.admission is Admission.ADMITTED
+    _wait_out_leases()
+
+
+def _wait_out_leases() -> None:
+    time.sleep(_SHORT_LEASE + 0.1)
+
+
+def _complete(
+    backend: CoordinationBackend, task_id: str, *, owner: str = "o1", publish: str
+) -> None:
+    """Run one delivery of ``publish`` to a successful end."""
+    assert _admit(backend, task_id, owner=owner, publish=publish).admission is Admission.ADMITTED
+    _finish(backend, task_id, owner=owner, publish=publish)
+
+
+def _run_lease_and_lock_elsewhere(backend: CoordinationBackend, owner: str) -> tuple[str, str]:
+    """A new task id whose run lease ``owner`` holds, and a new lock key owner "x" holds."""
+    tid, key = _new_id(), _new_key()
+    _admit(backend, tid, owner=owner)
+    _admit(backend, _new_id(), owner="x", lock_key=key)
+    return tid, key
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _new_key() -> str:
+    return f"k-{_new_id()}"
+
+
+def _outcome(result: AdmitResult) -> tuple[Admission, int, bool]:
+    """What a caller branches on: the admission, the crash count, whether one was found."""
+    return result.admission, result.crashes, result.lost_predecessor
+
+
+class CoordinationBackendContract(_Contract):
+    """The coordination backend contract: every built-in backend passes these tests.
+
+    Subclass it in a test module as ``Test<YourBackend>`` and give it one fixture,
+    ``backend_factory``: a callable that returns a new backend on the store under test,
+    in the key namespace ``key_prefix`` (keyword, with a default of your choice). Each
+    test gets a fresh factory and calls it once for its ``backend`` fixture (closed
+    after the test) or several times, with other prefixes, to check that prefixes
+    separate namespaces; backends from one factory share one store.
+    ``functools.partial(backend_for, url)`` builds your backend through its plugin,
+    as an app does. The tests wait out leases of 0.2 s, so the store must expire keys
+    to the tenth of a second.
+    """
+
+    _fixture_name = "backend"
+
+    # --- the backend itself ---------------------------------------------------------------
+
+    def test_backend_satisfies_the_protocol(self, backend: CoordinationBackend) -> None:
+        """The backend is a CoordinationBackend and answers ping."""
+        assert isinstance(backend, CoordinationBackend)
+        backend.ping()
+
+    def test_prefix_separates_namespaces(
+        self, backend_factory: Callable[..., CoordinationBackend]
+    ) -> None:
+        """Two prefixes on one store do not see each other's leases or records."""
+        a, b = (backend_factory(key_prefix=f"namespace-{ns}") for ns in "ab")
+        key, tid = _new_key(), _new_id()
+        assert _admit(a, tid, owner="a", lock_key=key).admission is Admission.ADMITTED
+        assert _admit(b, tid, owner="b", lock_key=key).admission is Admission.ADMITTED
+        _finish(a, tid, owner="a", lock_key=key)
+        assert _admit(b, tid, owner="b2").admission is Admission.RUNNING
+        a.close()
+        b.close()
+
+    def test_first_delivery_is_admitted_and_counted(self, backend: CoordinationBackend) -> None:
+        """A new task id is admitted as delivery 1, without a fencing token when unlocked."""
+        tid = _new_id()
+        result = _admit(backend, tid)
+        assert _outcome(result) == (Admission.ADMITTED, 0, False)
+        assert result.deliveries == 1
+        assert result.fencing_token is None
+        assert backend.holds(tid, None, "o1") is True
+
+    # --- completion records, per publish --------------------------------------------------
+
+    def test_completed_task_id_is_a_duplicate(self, backend: CoordinationBackend) -> None:
+        """After a successful finish, the same publish of the task id is refused, for any owner."""
+        tid = _new_id()
+        _admit(backend, tid)
+        _finish(backend, tid, succeeded=True)
+        assert _admit(backend, tid, owner="o2").admission is Admission.DUPLICATE
+        assert _admit(backend, tid, owner="o3").admission is Admission.DUPLICATE
+        assert backend.holds(tid, None, "o2") is False
+
+    def test_completion_record_of_another_publish_does_not_block_a_new_publish(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """A new publish that reuses a completed task id runs; the completed publish does not."""
+        tid = _new_id()
+        _complete(backend, tid, publish="first")
+        second = _admit(backend, tid, owner="o2", publish="second")
+        assert _outcome(second) == (Admission.ADMITTED, 0, False)
+        _finish(backend, tid, owner="o2", publish="second")
+        assert _admit(backend, tid, owner="o3", publish="second").admission is Admission.DUPLICATE
+
+    @_cases(
+        ("recorded", "later"),
+        [("p1", ""), ("", "p2"), ("", ""), ("1", "p2")],
+        ids=["delivery-without-publish-id", "record-without-publish-id", "both-without", "legacy"],
+    )
+    def test_record_or_delivery_without_publish_id_is_a_duplicate(
+        self, backend: CoordinationBackend, recorded: str, later: str
+    ) -> None:
+        """An empty publish, or a record of one (or '1', as older releases wrote), is DUPLICATE."""
+        tid = _new_id()
+        _complete(backend, tid, publish=recorded)
+        assert _admit(backend, tid, owner="o2", publish=later).admission is Admission.DUPLICATE
+
+    def test_failed_finish_leaves_no_completion_record(self, backend: CoordinationBackend) -> None:
+        """A body that failed may run again (retry, replay): no completion record."""
+        tid = _new_id()
+        _admit(backend, tid)
+        _finish(backend, tid, succeeded=False)
+        assert _outcome(_admit(backend, tid, owner="o2")) == (Admission.ADMITTED, 0, False)
+
+    def test_completion_record_expires_with_record_ttl(self, backend: CoordinationBackend) -> None:
+        """The completion record lasts record_ttl seconds."""
+        tid = _new_id()
+        _admit(backend, tid)
+        _finish(backend, tid, record_ttl=0.1)
+        assert _admit(backend, tid, owner="o2").admission is Admission.DUPLICATE
+        time.sleep(0.2)
+        assert _admit(backend, tid, owner="o3").admission is Admission.ADMITTED
+
+    def test_duplicate_is_decided_before_a_running_body(self, backend: CoordinationBackend) -> None:
+        """A completed publish is DUPLICATE even while a later publish's body runs."""
+        tid = _new_id()
+        _complete(backend, tid, owner="a", publish="first")
+        _admit(backend, tid, owner="b", publish="second")
+        assert _admit(backend, tid, owner="c", publish="first").admission is Admission.DUPLICATE
+        running = _admit(backend, tid, owner="c", publish="third")
+        assert (running.admission, running.holder) == (Admission.RUNNING, "b")
+
+    # --- run leases: one body per task id -------------------------------------------------
+
+    def test_other_owners_run_lease_answers_running_and_changes_nothing(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """While one owner's body runs, another delivery gets RUNNING and takes nothing."""
+        tid, key = _new_id(), _new_key()
+        _admit(backend, tid, owner="a")
+        for _ in range(3):
+            running = _admit(backend, tid, owner="b", lock_key=key, max_crashes=1)
+            assert _outcome(running) == (Admission.RUNNING, 0, False)
+            assert running.holder == "a"
+            assert 25.0 < running.lease_remaining <= 30.0
+            assert running.fencing_token is None
+        assert backend.holds(tid, None, "a") is True
+        assert backend.holds(tid, None, "b") is False
+        assert _admit(backend, _new_id(), owner="x", lock_key=key).admission is Admission.ADMITTED
+        _finish(backend, tid, owner="a", succeeded=False)
+        assert _outcome(_admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+    def test_admit_again_by_the_same_owner_is_admitted_without_a_crash(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """admit twice for one owner (a late retry of the call) admits it again, uncounted."""
+        tid, key = _new_id(), _new_key()
+        first = _admit(backend, tid, owner="a", lock_key=key)
+        again = _admit(backend, tid, owner="a", lock_key=key)
+        assert _outcome(again) == (Admission.ADMITTED, 0, False)
+        assert first.fencing_token is not None
+        assert again.fencing_token is not None
+        assert again.fencing_token > first.fencing_token
+        assert backend.holds(tid, key, "a") is True
+        assert _finish(backend, tid, owner="a", lock_key=key) is True
+
+    def test_same_owner_after_its_run_lease_expired_is_not_counted_as_lost(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """A start mark of the owner itself is its own: re-admitting it counts no crash."""
+        tid = _new_id()
+        _lose(backend, tid, "a")
+        assert _outcome(_admit(backend, tid, owner="a")) == (Admission.ADMITTED, 0, False)
+
+    def test_readmission_after_a_counted_crash_counts_it_once(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """The delivery that found a lost one and admits again does not count it a second time."""
+        tid = _new_id()
+        _lose(backend, tid, "dead")
+        assert _outcome(_admit(backend, tid, owner="b")) == (Admission.ADMITTED, 1, True)
+        again = _admit(backend, tid, owner="b")
+        assert _outcome(again) == (Admission.ADMITTED, 1, False)
+        assert again.deliveries == 2
+
+    # --- adoptable owners: deliveries that gave up waiting --------------------------------
+
+    def test_adoptable_owners_run_lease_is_adopted(self, backend: CoordinationBackend) -> None:
+        """A run lease left by an adoptable owner's late admission admits the new delivery."""
+        tid = _new_id()
+        _admit(backend, tid, owner="gave-up")
+        adopted = _admit(backend, tid, owner="b", adoptable=("earlier", "gave-up"))
+        assert _outcome(adopted) == (Admission.ADMITTED, 0, False)
+        assert backend.holds(tid, None, "b") is True
+        assert backend.holds(tid, None, "gave-up") is False
+
+    def test_adoptable_owners_lock_lease_is_adopted(self, backend: CoordinationBackend) -> None:
+        """A lock lease of an adoptable owner is taken over with a larger fencing token."""
+        tid, key = _new_id(), _new_key()
+        left = _admit(backend, tid, owner="gave-up", lock_key=key)
+        adopted = _admit(backend, tid, owner="b", lock_key=key, adoptable=("gave-up",))
+        assert _outcome(adopted) == (Admission.ADMITTED, 0, False)
+        assert left.fencing_token is not None
+        assert adopted.fencing_token is not None
+        assert adopted.fencing_token > left.fencing_token
+        assert backend.holds(tid, key, "b") is True
+        assert backend.holds(tid, key, "gave-up") is False
+
+    def test_adoptable_owners_start_mark_is_not_counted_as_a_crash(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """An adoptable owner's expired delivery is this one's own, so no crash is counted."""
+        adopted_tid, other_tid = _new_id(), _new_id()
+        _lose(backend, adopted_tid, "gave-up")
+        _lose(backend, other_tid, "gave-up")
+        adopted = _admit(backend, adopted_tid, owner="b", adoptable=("gave-up",))
+        assert _outcome(adopted) == (Admission.ADMITTED, 0, False)
+        assert _outcome(_admit(backend, other_tid, owner="b")) == (Admission.ADMITTED, 1, True)
+
+    def test_adoptable_does_not_adopt_other_owners(self, backend: CoordinationBackend) -> None:
+        """Only the named owners are adopted: another owner's body still answers RUNNING."""
+        tid = _new_id()
+        _admit(backend, tid, owner="x")
+        running = _admit(backend, tid, owner="b", adoptable=("gave-up",))
+        assert (running.admission, running.holder) == (Admission.RUNNING, "x")
+
+    # --- lost deliveries and the crash budget ---------------------------------------------
+
+    def test_expired_run_lease_counts_the_delivery_as_lost(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A delivery whose run lease expired before it finished is counted once as a crash."""
+        tid = _new_id()
+        _lose(backend, tid, "dead")
+        found = _admit(backend, tid, owner="b")
+        assert _outcome(found) == (Admission.ADMITTED, 1, True)
+        assert found.deliveries == 2
+
+    def test_released_run_lease_counts_the_delivery_as_lost(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """release() frees a dead holder's leases, keeps its start mark: the next one counts it."""
+        tid, key = _new_id(), _new_key()
+        _admit(backend, tid, owner="dead", lock_key=key)
+        assert backend.release(tid, key, "dead") is True
+        found = _admit(backend, tid, owner="b", lock_key=key)
+        assert _outcome(found) == (Admission.ADMITTED, 1, True)
+        assert found.fencing_token is not None
+
+    def test_lost_deliveries_spend_the_crash_budget(self, backend: CoordinationBackend) -> None:
+        """Each lost delivery counts once; at max_crashes the task id is refused."""
+        tid = _new_id()
+        seen = []
+        for owner in ("d0", "d1"):
+            seen.append(
+                _outcome(_admit(backend, tid, owner=owner, lease_ttl=_SHORT_LEASE, max_crashes=2))
+            )
+            _wait_out_leases()
+        seen += [_outcome(_admit(backend, tid, owner=o, max_crashes=2)) for o in ("d2", "d3")]
+        assert seen == [
+            (Admission.ADMITTED, 0, False),
+            (Admission.ADMITTED, 1, True),
+            (Admission.CRASH_BUDGET_SPENT, 2, True),
+            (Admission.CRASH_BUDGET_SPENT, 2, False),
+        ]
+
+    def test_spent_crash_budget_takes_no_lease(self, backend: CoordinationBackend) -> None:
+        """A delivery refused for the crash budget holds nothing, so it is never counted lost."""
+        tid = _new_id()
+        _lose(backend, tid, "dead")
+        assert (
+            _admit(backend, tid, owner="b", max_crashes=1).admission is Admission.CRASH_BUDGET_SPENT
+        )
+        assert backend.holds(tid, None, "b") is False
+        assert _outcome(_admit(backend, tid, owner="c", max_crashes=5)) == (
+            Admission.ADMITTED,
+            1,
+            False,
+        )
+
+    def test_finished_body_clears_carried_losses(self, backend: CoordinationBackend) -> None:
+        """A body that ran to an end (even failing) resets the task's crash count."""
+        tid = _new_id()
+        _lose(backend, tid, "dead")
+        assert _admit(backend, tid, owner="b").crashes == 1
+        _finish(backend, tid, owner="b", succeeded=False)
+        assert _outcome(_admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+    def test_crash_count_expires_with_record_ttl(self, backend: CoordinationBackend) -> None:
+        """The crash count of an abandoned task id does not live forever."""
+        tid = _new_id()
+        _lose(backend, tid, "dead")
+        assert _admit(backend, tid, owner="b", lease_ttl=0.1, record_ttl=0.2).crashes == 1
+        time.sleep(0.3)
+        assert _outcome(_admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+    def test_crash_budget_is_decided_before_lock_contention(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A lost delivery found while the lock is held elsewhere still spends the budget."""
+        tid, key = _new_id(), _new_key()
+        _lose(backend, tid, "dead", lock_key=key)
+        _admit(backend, _new_id(), owner="x", lock_key=key)
+        spent = _admit(backend, tid, owner="b", lock_key=key, max_crashes=1)
+        assert _outcome(spent) == (Admission.CRASH_BUDGET_SPENT, 1, True)
+
+    def test_lost_deliveries_carry_over_when_the_redelivery_is_contended(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """A loss found by a contended delivery is kept and counted once."""
+        tid, key = _new_id(), _new_key()
+        _lose(backend, tid, "dead", lock_key=key)
+        _admit(backend, _new_id(), owner="x", lock_key=key, lease_ttl=_SHORT_LEASE)
+        contended = _admit(backend, tid, owner="b", lock_key=key)
+        assert _outcome(contended) == (Admission.LOCK_CONTENDED, 1, True)
+        _wait_out_leases()
+        assert _outcome(_admit(backend, tid, owner="c", lock_key=key)) == (
+            Admission.ADMITTED,
+            1,
+            False,
+        )
+
+    # --- lock leases and fencing tokens ---------------------------------------------------
+
+    def test_lock_is_exclusive_until_released_by_its_owner(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A held lock lease refuses other owners, naming the holder; only its owner frees it."""
+        key = f"k-{_new_id()}"
+        first_tid = _new_id()
+        first = _admit(backend, first_tid, owner="a", lock_key=key)
+        assert first.admission is Admission.ADMITTED
+        assert first.fencing_token is not None
+        other_tid = _new_id()
+        held = _admit(backend, other_tid, owner="b", lock_key=key)
+        assert (held.admission, held.holder, held.fencing_token) == (
+            Admission.LOCK_CONTENDED,
+            "a",
+            None,
+        )
+        assert 25.0 < held.lease_remaining <= 30.0
+        assert _finish(backend, other_tid, owner="b", lock_key=key, succeeded=False) is False
+        assert (
+            _admit(backend, _new_id(), owner="c", lock_key=key).admission
+            is Admission.LOCK_CONTENDED
+        )
+        assert _finish(backend, first_tid, owner="a", lock_key=key) is True
+        assert _admit(backend, _new_id(), owner="c", lock_key=key).admission is Admission.ADMITTED
+
+    def test_contended_attempt_does_not_count_as_a_crash(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A delivery refused by the lock leaves no start mark, so it is never counted lost."""
+        key, holder_tid, tid = _new_key(), _new_id(), _new_id()
+        _admit(backend, holder_tid, owner="a", lock_key=key)
+        for owner in ("b1", "b2", "b3"):
+            result = _admit(backend, tid, owner=owner, lock_key=key, max_crashes=1)
+            assert _outcome(result) == (Admission.LOCK_CONTENDED, 0, False)
+        assert backend.holds(tid, None, "b3") is False
+        _finish(backend, holder_tid, owner="a", lock_key=key)
+        admitted = _admit(backend, tid, owner="c", lock_key=key, max_crashes=1)
+        assert _outcome(admitted) == (Admission.ADMITTED, 0, False)
+
+    def test_contended_delivery_removes_its_own_run_lease(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A delivery meeting the lock after taking its run lease gives the lease up uncounted."""
+        tid, key = _run_lease_and_lock_elsewhere(backend, "b")
+        assert _admit(backend, tid, owner="b", lock_key=key).admission is Admission.LOCK_CONTENDED
+        assert backend.holds(tid, None, "b") is False
+        assert _outcome(_admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+    @_cases(
+        ("owner", "adoptable"), [("b", ()), ("b2", ("b",))], ids=["same-owner", "adoptable-owner"]
+    )
+    def test_contended_delivery_removes_its_own_start_mark(
+        self, backend: CoordinationBackend, owner: str, adoptable: tuple[str, ...]
+    ) -> None:
+        """A leftover start mark of this delivery's own is removed on contention, never counted."""
+        tid, key = _new_id(), _new_key()
+        _lose(backend, tid, "b")
+        _admit(backend, _new_id(), owner="x", lock_key=key)
+        contended = _admit(backend, tid, owner=owner, lock_key=key, adoptable=adoptable)
+        assert _outcome(contended) == (Admission.LOCK_CONTENDED, 0, False)
+        assert _outcome(_admit(backend, tid, owner="c")) == (Admission.ADMITTED, 0, False)
+
+    def test_owner_release_frees_the_key_for_the_next_owner(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """finish() by the owner releases the lease and the next owner gets a larger token."""
+        key = f"k-{_new_id()}"
+        tid = _new_id()
+        first = _admit(backend, tid, owner="a", lock_key=key)
+        assert _finish(backend, tid, owner="a", lock_key=key) is True
+        second = _admit(backend, _new_id(), owner="b", lock_key=key)
+        assert second.admission is Admission.ADMITTED
+        assert second.fencing_token is not None
+        assert first.fencing_token is not None
+        assert second.fencing_token > first.fencing_token
+
+    def test_fencing_tokens_strictly_increase_per_key(self, backend: CoordinationBackend) -> None:
+        """Many acquisitions in a row get strictly increasing tokens."""
+        key = f"k-{_new_id()}"
+        tokens: list[int] = []
+        for i in range(50):
+            tid = _new_id()
+            result = _admit(backend, tid, owner=f"o{i}", lock_key=key)
+            assert result.fencing_token is not None
+            tokens.append(result.fencing_token)
+            _finish(backend, tid, owner=f"o{i}", lock_key=key)
+        assert all(b > a for a, b in itertools.pairwise(tokens))
+
+    def test_fencing_tokens_keep_increasing_after_the_counter_expired(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """The per-key token counter expires with record_ttl; later tokens are still larger."""
+        key = f"k-{_new_id()}"
+        tid = _new_id()
+        first = _admit(backend, tid, owner="a", lock_key=key, record_ttl=0.05)
+        _finish(backend, tid, owner="a", lock_key=key, record_ttl=0.05)
+        time.sleep(0.1)
+        second = _admit(backend, _new_id(), owner="b", lock_key=key, record_ttl=0.05)
+        assert first.fencing_token is not None
+        assert second.fencing_token is not None
+        assert second.fencing_token > first.fencing_token
+
+    def test_expired_lease_is_free_for_another_owner(self, backend: CoordinationBackend) -> None:
+        """A holder that stops renewing loses the key within one TTL."""
+        key, tid = _new_key(), _new_id()
+        _lose(backend, tid, "dead", lock_key=key)
+        assert _admit(backend, _new_id(), owner="b", lock_key=key).admission is Admission.ADMITTED
+        assert backend.renew(tid, key, "dead", 30.0) is False
+
+    # --- finish ---------------------------------------------------------------------------
+
+    def test_finish_releases_only_the_owners_leases(self, backend: CoordinationBackend) -> None:
+        """Another owner's finish leaves the holder's run and lock leases in place."""
+        tid, key = _new_id(), _new_key()
+        _admit(backend, tid, owner="a", lock_key=key)
+        assert _finish(backend, tid, owner="b", lock_key=key, succeeded=False) is False
+        assert backend.holds(tid, key, "a") is True
+        assert _admit(backend, tid, owner="c", lock_key=key).admission is Admission.RUNNING
+
+    def test_finish_without_a_lock_returns_false_and_frees_the_run_lease(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """finish() with no lock key releases no lock lease; the next delivery runs uncounted."""
+        tid = _new_id()
+        _admit(backend, tid, owner="a")
+        assert _finish(backend, tid, owner="a", succeeded=False) is False
+        assert backend.holds(tid, None, "a") is False
+        assert _outcome(_admit(backend, tid, owner="b")) == (Admission.ADMITTED, 0, False)
+
+    def test_late_finish_of_a_lost_lease_does_not_release_the_new_owner(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """Compare-and-delete: an old owner finishing late leaves the new owner's leases."""
+        tid, key = _new_id(), _new_key()
+        _lose(backend, tid, "old", lock_key=key)
+        assert _admit(backend, tid, owner="new", lock_key=key).admission is Admission.ADMITTED
+        assert _finish(backend, tid, owner="old", lock_key=key, succeeded=False) is False
+        assert backend.holds(tid, key, "new") is True
+        assert (
+            _admit(backend, _new_id(), owner="x", lock_key=key).admission
+            is Admission.LOCK_CONTENDED
+        )
+
+    def test_finish_twice_leaves_the_state_of_one_finish(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A repeated finish releases nothing more and keeps the completion record."""
+        tid, key = _new_id(), _new_key()
+        _admit(backend, tid, owner="a", lock_key=key)
+        assert _finish(backend, tid, owner="a", lock_key=key) is True
+        assert _finish(backend, tid, owner="a", lock_key=key) is False
+        assert _admit(backend, tid, owner="b").admission is Admission.DUPLICATE
+        assert _admit(backend, _new_id(), owner="b", lock_key=key).admission is Admission.ADMITTED
+
+    # --- release, renew, holds ------------------------------------------------------------
+
+    def test_contended_admit_names_the_holder_and_release_is_owner_only(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """A contended admit reports who holds the key; only that owner's release frees it."""
+        key, tid = _new_key(), _new_id()
+        _admit(backend, tid, owner="holder-1", lock_key=key)
+        contended = _admit(backend, _new_id(), owner="other", lock_key=key)
+        assert contended.holder == "holder-1"
+        assert backend.release(tid, key, "other") is False
+        assert backend.holds(tid, key, "holder-1") is True
+        assert backend.release(tid, key, "holder-1") is True
+        assert backend.release(tid, key, "holder-1") is False
+        assert (
+            _admit(backend, _new_id(), owner="next", lock_key=key).admission is Admission.ADMITTED
+        )
+
+    def test_release_frees_the_run_lease_where_the_lock_is_another_owners(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """release() deletes each lease the owner holds and leaves the others' lock lease."""
+        tid, key = _run_lease_and_lock_elsewhere(backend, "a")
+        assert backend.release(tid, key, "a") is True
+        assert backend.holds(tid, None, "a") is False
+        assert _admit(backend, _new_id(), owner="y", lock_key=key).holder == "x"
+
+    def test_renew_extends_only_the_owners_lease(self, backend: CoordinationBackend) -> None:
+        """renew() keeps the owner's leases alive past their first TTL and refuses others."""
+        key, tid = _new_key(), _new_id()
+        _admit(backend, tid, owner="a", lock_key=key, lease_ttl=0.3)
+        for _ in range(4):
+            time.sleep(0.1)
+            assert backend.renew(tid, key, "a", 0.3) is True
+        assert backend.renew(tid, key, "b", 0.3) is False
+        assert backend.holds(tid, key, "a") is True
+        assert _admit(backend, tid, owner="b").admission is Admission.RUNNING
+        contended = _admit(backend, _new_id(), owner="b", lock_key=key)
+        assert contended.admission is Admission.LOCK_CONTENDED
+
+    def test_renew_returns_false_once_the_run_lease_expired(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A run lease that expired is lost: renew() says so and does not bring it back."""
+        tid = _new_id()
+        _lose(backend, tid, "a")
+        assert backend.renew(tid, None, "a", 30.0) is False
+        assert backend.holds(tid, None, "a") is False
+
+    def test_renew_returns_false_when_the_lock_lease_is_another_owners(
+        self,
+        backend: CoordinationBackend,
+    ) -> None:
+        """Holding the run lease is not enough: a lock lease held elsewhere makes renew() False."""
+        tid, key = _run_lease_and_lock_elsewhere(backend, "a")
+        assert backend.renew(tid, None, "a", 30.0) is True
+        assert backend.renew(tid, key, "a", 30.0) is False
+
+    def test_holds_tells_whether_the_owner_holds_every_lease(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """holds() is True for the admitted owner's run and lock leases, False otherwise."""
+        tid, key, other_key = _new_id(), _new_key(), _new_key()
+        _admit(backend, tid, owner="a", lock_key=key)
+        _admit(backend, _new_id(), owner="x", lock_key=other_key)
+        assert backend.holds(tid, key, "a") is True
+        assert backend.holds(tid, None, "a") is True
+        assert backend.holds(tid, key, "b") is False
+        assert backend.holds(tid, other_key, "a") is False
+        assert backend.holds(_new_id(), None, "a") is False
+        _finish(backend, tid, owner="a", lock_key=key)
+        assert backend.holds(tid, key, "a") is False
+
+
+# -- the dead-letter queue contract
+
+_KEEP = 7 * 86400.0  # the default retention, in seconds
+_CAP = 10_000  # the default cap per task name
+_NOW = float(int(time.time()))  # whole seconds: exact as floats and as millisecond scores
+
+
+def _letter(
+    task_name: str = "tasks.upload", reason: str = "max_retries", at: float = _NOW, **fields: Any
+) -> DeadLetter:
+    """A dead letter of ``task_name`` that last failed at ``at`` (Unix seconds)."""
+    values: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "task_id": str(uuid.uuid4()),
+        "task_name": task_name,
+        "reason": reason,
+        "exception_type": "builtins.ConnectionError",
+        "exception_message": "upstream refused",
+        "traceback": "Traceback (most recent call last):\nConnectionError: upstream refused\n",
+        "attempts": 3,
+        "deliveries": 1,
+        "first_failure_at": at - 10,
+        "last_failure_at": at,
+        "args": [1],
+        "kwargs": {},
+    }
+    values.update(fields)
+    return DeadLetter(**values)
+
+
+def _store(dlq: DeadLetterBackend, *entries: DeadLetter) -> None:
+    for entry in entries:
+        dlq.store(entry, retention=_KEEP, max_entries=_CAP)
+
+
+def _ids(page: Page) -> list[str]:
+    return [e.id for e in page.entries]
+
+
+def _every_id(
+    dlq: DeadLetterBackend, limit: int, cursor: str | None = None, **filters: Any
+) -> list[str]:
+    """Page through ``dlq`` from ``cursor``, ``limit`` a page; every id in the order seen."""
+    seen: list[str] = []
+    while True:
+        page = dlq.list(limit=limit, cursor=cursor, **filters)
+        assert len(page.entries) <= limit
+        seen += _ids(page)
+        if page.cursor is None:
+            return seen
+        cursor = page.cursor
+
+
+def _newest_first(*entries: DeadLetter) -> list[str]:
+    return [e.id for e in sorted(entries, key=lambda e: (e.last_failure_at, e.id), reverse=True)]
+
+
+class DeadLetterBackendContract(_Contract):
+    """The dead-letter queue backend contract: every built-in DLQ backend passes it.
+
+    Subclass it in a test module as ``Test<YourBackend>`` and give it one fixture,
+    ``backend_factory``: a callable that returns a new backend on a store that is
+    empty at the start of each test (``functools.partial(dlq_backend_for, url)``
+    with a fresh ``url`` builds it through its plugin, as an app does). The suite's
+    ``dlq`` fixture calls it once per test and closes the backend afterwards. One
+    test stores, pages and purges 10,000 entries.
+    """
+
+    _fixture_name = "dlq"
+
+    def test_backend_satisfies_the_protocol(self, dlq: DeadLetterBackend) -> None:
+        """The backend is a DeadLetterBackend, answers ping and reports no eviction."""
+        assert isinstance(dlq, DeadLetterBackend)
+        dlq.ping()
+        assert (
+            dlq.eviction_policy() is None
+        )  # a store under test must not evict (Redis: noeviction)
+
+    def test_every_field_survives_a_round_trip(self, dlq: DeadLetterBackend) -> None:
+        """get and list return exactly what was stored, JSON arguments and raw bodies alike."""
+        shown = _letter(
+            args=[1, "two", [3.5, None], {"nested": True}],
+            kwargs={"ünïcode": "ñ", "empty": []},
+            args_repr="(1, 'two', [3.5, None], {'nested': True})",
+            kwargs_repr="{'ünïcode': 'ñ', 'empty': []}",
+            argnames=["a", "b", "c", "d"],
+            queue="uploads",
+            exchange="uploads",
+            routing_key="uploads.high",
+            priority=7,
+            lock_key="upload:1:abc",
+            hostname="worker1@pod-7",
+            replays=2,
+            deliveries=4,
+            traceback='Traceback (most recent call last):\n  File "x.py", line 1\nValueError: ✗\n',
+        )
+        raw = _letter(
+            at=_NOW - 1,
+            args=None,
+            kwargs=None,
+            body=RawBody(
+                "gASVCwAAAAAAAABdlChdlH2UfZRlLg==", "application/x-python-serialize", "binary"
+            ),
+            args_repr="(datetime.datetime(2024, 1, 2, 0, 0),)",
+            reason="error",
+        )
+        _store(dlq, shown, raw)
+        assert dlq.get(shown.id) == shown
+        assert dlq.get(raw.id) == raw
+        assert dlq.list().entries == [shown, raw]
+
+    def test_get_of_an_unknown_id_is_none(self, dlq: DeadLetterBackend) -> None:
+        """An id never stored (or already removed) gives None, not an error."""
+        assert dlq.get(uuid.uuid4().hex) is None
+
+    def test_list_is_newest_first(self, dlq: DeadLetterBackend) -> None:
+        """Entries come back by last failure time, newest first, whatever the storing order."""
+        entries = [_letter(at=_NOW - age) for age in (30, 5, 120, 0, 60)]
+        _store(dlq, *entries)
+        assert _ids(dlq.list()) == _newest_first(*entries)
+        assert dlq.list().cursor is None
+
+    def test_list_and_count_filter_by_task_name_and_reason(self, dlq: DeadLetterBackend) -> None:
+        """task_name, reason and both together select the same entries in list and count."""
+        a_retries = _letter("tasks.a", "max_retries", at=_NOW - 1)
+        a_error = _letter("tasks.a", "error", at=_NOW - 2)
+        b_retries = _letter("tasks.b", "max_retries", at=_NOW - 3)
+        b_lost = _letter("tasks.b", "worker_lost", at=_NOW - 4)
+        _store(dlq, a_retries, a_error, b_retries, b_lost)
+        cases: list[tuple[dict[str, Any], list[DeadLetter]]] = [
+            ({}, [a_retries, a_error, b_retries, b_lost]),
+            ({"task_name": "tasks.a"}, [a_retries, a_error]),
+            ({"reason": "max_retries"}, [a_retries, b_retries]),
+            ({"task_name": "tasks.b", "reason": "worker_lost"}, [b_lost]),
+            ({"task_name": "tasks.a", "reason": "worker_lost"}, []),
+            ({"task_name": "tasks.nope"}, []),
+        ]
+        for filters, expected in cases:
+            assert _ids(dlq.list(**filters)) == [e.id for e in expected], filters
+            assert dlq.count(**filters) == len(expected), filters
+
+    def test_paging_never_repeats_or_skips_even_with_identical_times(
+        self, dlq: DeadLetterBackend
+    ) -> None:
+        """25 entries, 12 failing in one millisecond, read 10 a page: each seen once, in order."""
+        ties = [_letter(at=_NOW - 5.5) for _ in range(12)]  # both page breaks fall among these
+        entries = ties + [_letter(at=_NOW - i) for i in range(13)]
+        random.shuffle(entries)
+        _store(dlq, *entries)
+        pages: list[list[str]] = []
+        cursor = None
+        while True:
+            page = dlq.list(limit=10, cursor=cursor)
+            pages.append(_ids(page))
+            if page.cursor is None:
+                break
+            cursor = page.cursor
+        assert [len(p) for p in pages] == [10, 10, 5]
+        assert [entry_id for page in pages for entry_id in page] == _newest_first(*entries)
+
+    def test_paging_with_a_filter_uses_the_filter_on_every_page(
+        self, dlq: DeadLetterBackend
+    ) -> None:
+        """A cursor from a filtered list continues the same filtered listing."""
+        wanted = [_letter("tasks.a", at=_NOW - (i // 3)) for i in range(9)]
+        others = [_letter("tasks.b", at=_NOW - (i // 3)) for i in range(9)]
+        _store(dlq, *wanted, *others)
+        assert _every_id(dlq, 4, task_name="tasks.a") == _newest_first(*wanted)
+        assert _every_id(dlq, 2, task_name="tasks.b", reason="max_retries") == _newest_first(
+            *others
+        )
+
+    def test_paging_stays_exact_while_entries_are_added_and_removed(
+        self, dlq: DeadLetterBackend
+    ) -> None:
+        """New entries and deleted ones between pages do not shift the entries still to come."""
+        entries = [_letter(at=_NOW - 100 - (i // 2)) for i in range(20)]
+        _store(dlq, *entries)
+        first = dlq.list(limit=8)
+        _store(dlq, _letter(at=_NOW), _letter(at=_NOW - 50))  # newer: before the cursor
+        for entry_id in _ids(first)[:3]:
+            assert dlq.delete(entry_id)  # already read
+        assert first.cursor is not None
+        rest = _every_id(dlq, 8, cursor=first.cursor)
+        assert _ids(first) + rest == _newest_first(*entries)
+
+    def test_newer_than_hides_older_entries(self, dlq: DeadLetterBackend) -> None:
+        """Entries whose last failure is not after newer_than are neither listed nor counted."""
+        old = _letter(at=_NOW - 3600)
+        edge = _letter(at=_NOW - 60)
+        new = _letter(at=_NOW - 1)
+        _store(dlq, old, edge, new)
+        assert _ids(dlq.list(newer_than=_NOW - 60)) == [new.id]
+        assert dlq.count(newer_than=_NOW - 60) == 1
+        assert _ids(dlq.list(newer_than=_NOW - 61)) == [new.id, edge.id]
+        assert dlq.count(newer_than=_NOW - 61, task_name="tasks.upload") == 2
+        assert dlq.count() == 3
+
+    def test_a_write_removes_entries_older_than_the_retention(self, dlq: DeadLetterBackend) -> None:
+        """Storing with retention R drops every entry (any task) last failed over R ago."""
+        now = time.time()
+        stale = [_letter("tasks.a", at=now - 7200), _letter("tasks.b", at=now - 3601)]
+        kept = _letter("tasks.a", at=now - 60)
+        _store(dlq, *stale, kept)
+        fresh = _letter("tasks.c", at=now)
+        result = dlq.store(fresh, retention=3600.0, max_entries=_CAP)
+        assert (result.expired, result.trimmed) == (2, 0)
+        assert _ids(dlq.list()) == [fresh.id, kept.id]
+        assert all(dlq.get(e.id) is None for e in stale)
+
+    def test_the_cap_per_task_name_trims_the_oldest_first(self, dlq: DeadLetterBackend) -> None:
+        """Past max_entries, a write drops its task's oldest entries, counts them, spares others."""
+        others = [_letter("tasks.other", at=_NOW - 1000 - i) for i in range(3)]
+        _store(dlq, *others)
+        mine = [_letter("tasks.capped", at=_NOW - 100 + i) for i in range(6)]
+        results = [dlq.store(e, retention=_KEEP, max_entries=3) for e in mine]
+        assert [(r.trimmed, r.expired) for r in results] == [(0, 0)] * 3 + [(1, 0)] * 3
+        assert _ids(dlq.list(task_name="tasks.capped")) == _newest_first(*mine[3:])
+        assert _ids(dlq.list(task_name="tasks.other")) == _newest_first(*others)
+        shrink = dlq.store(_letter("tasks.capped", at=_NOW), retention=_KEEP, max_entries=1)
+        assert shrink.trimmed == 3
+        assert dlq.count(task_name="tasks.capped") == 1
+
+    def test_delete_removes_one_entry_and_says_whether_it_was_there(
+        self, dlq: DeadLetterBackend
+    ) -> None:
+        """delete is True once, then False; the entry is gone from get, list and count."""
+        doomed, kept = _letter("tasks.a", "error"), _letter("tasks.a", "error", at=_NOW - 1)
+        _store(dlq, doomed, kept)
+        assert dlq.delete(doomed.id) is True
+        assert dlq.delete(doomed.id) is False
+        assert dlq.delete(uuid.uuid4().hex) is False
+        assert dlq.get(doomed.id) is None
+        assert _ids(dlq.list()) == [kept.id]
+        assert dlq.count(task_name="tasks.a", reason="error") == 1
+
+    def test_purge_removes_all_or_one_task_names_entries(self, dlq: DeadLetterBackend) -> None:
+        """purge(task_name) removes that task's entries only; purge() the rest; both count."""
+        a = [_letter("tasks.a", at=_NOW - i) for i in range(4)]
+        b = [_letter("tasks.b", reason="error", at=_NOW - i) for i in range(3)]
+        _store(dlq, *a, *b)
+        assert dlq.purge(task_name="tasks.a") == 4
+        assert _ids(dlq.list()) == _newest_first(*b)
+        assert dlq.count(task_name="tasks.a") == 0
+        assert dlq.purge(task_name="tasks.a") == 0
+        assert dlq.purge() == 3
+        assert dlq.count() == 0
+        assert dlq.list() == Page([], None)
+
+    def test_ten_thousand_entries_are_stored_counted_paged_and_purged(
+        self, dlq: DeadLetterBackend
+    ) -> None:
+        """10,000 entries over 10 task names: count, every id paged exactly once, purge to 0."""
+        now = time.time()
+        entries = [
+            _letter(f"tasks.t{i % 10}", ("error", "max_retries")[i % 2], at=now - (i // 2) / 1000)
+            for i in range(10_000)
+        ]
+        started = time.perf_counter()
+        _store(dlq, *entries)
+        stored = time.perf_counter()
+        assert dlq.count() == 10_000
+        assert dlq.count(task_name="tasks.t3") == 1000
+        paging = time.perf_counter()
+        seen = _every_id(dlq, 500)
+        paged = time.perf_counter()
+        assert len(seen) == 10_000
+        assert set(seen) == {e.id for e in entries}
+        assert dlq.purge() == 10_000
+        purged = time.perf_counter()
+        assert dlq.count() == 0
+        print(
+            f"\n{type(dlq).__name__}: store 10,000 {stored - started:.2f} s, page them 500 a page "
+            f"{paged - paging:.2f} s, purge {purged - paged:.2f} s"
+        )
