@@ -11,17 +11,13 @@ from celery import Celery, Task, chain, group, shared_task
 
 from celery_resilience import ConfigurationError, current_attempt, resilient
 from celery_resilience.runtime import runtime
+from celery_resilience.testing import eager_app
 
 
 @pytest.fixture
 def app() -> Iterator[Celery]:
     """An eager app on an in-memory backend, current while the test runs."""
-    app = Celery(f"d{uuid.uuid4().hex[:6]}")
-    app.conf.update(
-        task_always_eager=True,
-        resilience_url=f"memory://{uuid.uuid4().hex[:8]}",
-    )
-    with app.connection_for_write():  # makes it the current app for shared tasks
+    with eager_app() as app, app.connection_for_write():  # current: for shared tasks
         app.set_current()
         yield app
 

@@ -27,12 +27,11 @@ from celery_resilience import (
     ReplayFailed,
     ReplayRefused,
     UnknownEntry,
-    get_plugin_manager,
-    hookimpl,
     resilient,
 )
 from celery_resilience.deadletter import RawBody
 from celery_resilience.runtime import runtime
+from celery_resilience.testing import HookRecorder, eager_app, record_hooks
 
 FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
 
@@ -53,15 +52,13 @@ def close(app: Celery) -> None:
 @pytest.fixture
 def app(backend_url: str, key_prefix: str) -> Iterator[Celery]:
     """An eager app that stores eager results, so a replay's result can be read back."""
-    app = make_app(
-        backend_url,
-        key_prefix,
-        task_always_eager=True,
+    with eager_app(
+        resilience_url=backend_url,
+        resilience_key_prefix=key_prefix,
         task_store_eager_result=True,
         result_backend="cache+memory://",
-    )
-    yield app
-    close(app)
+    ) as app:
+        yield app
 
 
 @pytest.fixture
@@ -69,38 +66,10 @@ def dlq(app: Celery) -> DeadLetterQueue:
     return DeadLetterQueue(app)
 
 
-class DlqEvents:
-    """Records the dead-letter observer hooks as (hook, arguments)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    @hookimpl
-    def resilience_dead_letter_stored(self, entry: DeadLetter, trimmed: int) -> None:
-        self.events.append(("stored", {"entry": entry, "trimmed": trimmed}))
-
-    @hookimpl
-    def resilience_dead_letter_replayed(self, entry: DeadLetter, task_id: str) -> None:
-        self.events.append(("replayed", {"entry": entry, "task_id": task_id}))
-
-    @hookimpl
-    def resilience_dead_letter_deleted(self, entry_id: str) -> None:
-        self.events.append(("deleted", {"entry_id": entry_id}))
-
-    @hookimpl
-    def resilience_dead_letters_purged(self, task_name: str | None, count: int) -> None:
-        self.events.append(("purged", {"task_name": task_name, "count": count}))
-
-
 @pytest.fixture
-def events() -> Iterator[DlqEvents]:
-    recorder = DlqEvents()
-    pm = get_plugin_manager()
-    pm.register(recorder)
-    try:
+def events() -> Iterator[HookRecorder]:
+    with record_hooks() as recorder:
         yield recorder
-    finally:
-        pm.unregister(recorder)
 
 
 def only_entry(dlq: DeadLetterQueue, task: Task) -> DeadLetter:
@@ -326,7 +295,7 @@ def test_an_unknown_entry_id_raises_unknown_entry(dlq: DeadLetterQueue) -> None:
 
 @pytest.mark.parametrize("arguments", ["json", "raw"])
 def test_a_replay_that_cannot_be_published_fails_and_keeps_the_entry(
-    backend_url: str, key_prefix: str, events: DlqEvents, arguments: str
+    backend_url: str, key_prefix: str, events: HookRecorder, arguments: str
 ) -> None:
     """Broker unreachable: ReplayFailed names the error; the entry and its count stay."""
     app = make_app(
@@ -353,7 +322,7 @@ def test_a_replay_that_cannot_be_published_fails_and_keeps_the_entry(
             dlq.replay(entry.id)
         assert dlq.get(entry.id) == entry
         assert dlq.count() == 1
-        assert [name for name, _ in events.events] == []
+        assert events.calls == []
     finally:
         close(app)
 
@@ -409,7 +378,7 @@ def test_replay_all_replays_matching_entries_newest_first_and_reports_refusals(
 
 
 def test_dead_letter_events_reach_observer_plugins(
-    backend_url: str, key_prefix: str, events: DlqEvents
+    backend_url: str, key_prefix: str, events: HookRecorder
 ) -> None:
     """stored (with what the cap trimmed), replayed, deleted and purged each notify plugins."""
     app = make_app(backend_url, key_prefix, task_always_eager=True, resilience_dlq_max_entries=1)
@@ -422,7 +391,7 @@ def test_dead_letter_events_reach_observer_plugins(
 
     try:
         first, second = fails.delay(1), fails.delay(2)
-        stores = [kw for name, kw in events.events if name == "stored"]
+        stores = events.of("dead_letter_stored")
         assert [(kw["entry"].task_id, kw["trimmed"]) for kw in stores] == [
             (first.id, 0),
             (second.id, 1),
@@ -431,7 +400,7 @@ def test_dead_letter_events_reach_observer_plugins(
         assert stores[-1]["entry"] == kept
 
         dlq.replay(kept.id)  # fails again: a new entry is stored
-        replayed = [kw for name, kw in events.events if name == "replayed"]
+        replayed = events.of("dead_letter_replayed")
         assert [(kw["entry"], kw["task_id"]) for kw in replayed] == [(kept, second.id)]
         again = only_entry(dlq, fails)
         dlq.delete(again.id)
@@ -439,10 +408,11 @@ def test_dead_letter_events_reach_observer_plugins(
         stored(dlq, fails, task_name="tasks.elsewhere")
         assert dlq.purge(task_name=fails.name) == 1
         assert dlq.purge() == 1
-        assert [(name, kw) for name, kw in events.events if name in {"deleted", "purged"}] == [
-            ("deleted", {"entry_id": again.id}),
-            ("purged", {"task_name": fails.name, "count": 1}),
-            ("purged", {"task_name": None, "count": 1}),
+        removals = {"dead_letter_deleted", "dead_letters_purged"}
+        assert [call for call in events.calls if call.name in removals] == [
+            ("dead_letter_deleted", {"entry_id": again.id}),
+            ("dead_letters_purged", {"task_name": fails.name, "count": 1}),
+            ("dead_letters_purged", {"task_name": None, "count": 1}),
         ]
     finally:
         close(app)

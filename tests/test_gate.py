@@ -28,7 +28,7 @@ from celery_resilience import (
 )
 from celery_resilience.backends.base import Admission
 from celery_resilience.runtime import runtime
-from tests.recorder import Recorder, recording
+from celery_resilience.testing import HookRecorder, eager_app, record_hooks
 from tests.support.admissions import hold, holder_of, lost_deliveries
 
 FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
@@ -37,25 +37,18 @@ FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
 @pytest.fixture
 def app(backend_url: str, key_prefix: str) -> Iterator[Celery]:
     """An eager Celery app whose resilience backend is the parametrized one."""
-    app = Celery(f"t{uuid.uuid4().hex[:6]}", set_as_current=False)
-    app.conf.update(
-        task_always_eager=True,
-        task_store_eager_result=False,
-        resilience_url=backend_url,
-        resilience_key_prefix=key_prefix,
-    )
-    yield app
-    runtime(app).backend.close()
+    with eager_app(resilience_url=backend_url, resilience_key_prefix=key_prefix) as app:
+        yield app
 
 
 @pytest.fixture
-def events() -> Iterator[Recorder]:
-    with recording() as recorder:
+def events() -> Iterator[HookRecorder]:
+    with record_hooks() as recorder:
         yield recorder
 
 
 def test_flaky_task_is_retried_with_backoff_until_it_succeeds(
-    app: Celery, events: Recorder
+    app: Celery, events: HookRecorder
 ) -> None:
     """A retry_on error retries; the retries header moves; the result is the body's."""
     seen: list[int] = []
@@ -75,7 +68,9 @@ def test_flaky_task_is_retried_with_backoff_until_it_succeeds(
     assert [r["countdown"] for r in retries] == [0.01, 0.02]
 
 
-def test_exhausted_retries_fail_with_the_original_exception(app: Celery, events: Recorder) -> None:
+def test_exhausted_retries_fail_with_the_original_exception(
+    app: Celery, events: HookRecorder
+) -> None:
     """After max_retries the state is FAILURE with what the body raised, reason max_retries."""
     runs: list[int] = []
 
@@ -97,7 +92,7 @@ def test_exhausted_retries_fail_with_the_original_exception(app: Celery, events:
     assert "gave up on 7" in outcome.traceback
 
 
-def test_error_outside_retry_on_is_terminal(app: Celery, events: Recorder) -> None:
+def test_error_outside_retry_on_is_terminal(app: Celery, events: HookRecorder) -> None:
     """An exception not in retry_on fails at once with reason error."""
     runs: list[int] = []
 
@@ -114,7 +109,7 @@ def test_error_outside_retry_on_is_terminal(app: Celery, events: Recorder) -> No
 
 
 def test_contended_lock_never_runs_the_body_and_waits_without_spending_retries(
-    app: Celery, events: Recorder
+    app: Celery, events: HookRecorder
 ) -> None:
     """Held by another owner: the task waits (no retries spent) until lock_timeout."""
     ran: list[int] = []
@@ -137,7 +132,7 @@ def test_contended_lock_never_runs_the_body_and_waits_without_spending_retries(
 
 
 def test_contended_task_waits_the_shorter_of_lease_and_backoff_then_runs(
-    app: Celery, events: Recorder
+    app: Celery, events: HookRecorder
 ) -> None:
     """The wait after contention is min(remaining lease, backoff); then the body runs."""
 
@@ -184,7 +179,9 @@ def test_lock_is_checked_on_every_delivery_not_only_the_first(app: Celery) -> No
     assert ran == [0]
 
 
-def test_redelivered_succeeded_task_is_suppressed_not_rerun(app: Celery, events: Recorder) -> None:
+def test_redelivered_succeeded_task_is_suppressed_not_rerun(
+    app: Celery, events: HookRecorder
+) -> None:
     """A second delivery of a publish that succeeded is acked without running."""
     runs: list[int] = []
 
@@ -219,7 +216,7 @@ def test_new_publish_reusing_a_succeeded_task_id_runs_again(app: Celery) -> None
     assert runs == [1, 2]
 
 
-def test_attempt_lost_max_crashes_times_is_not_run_again(app: Celery, events: Recorder) -> None:
+def test_attempt_lost_max_crashes_times_is_not_run_again(app: Celery, events: HookRecorder) -> None:
     """Deliveries that never finished spend the crash budget; the next one gives up."""
     runs: list[int] = []
 
@@ -240,7 +237,7 @@ def test_attempt_lost_max_crashes_times_is_not_run_again(app: Celery, events: Re
     assert [e["outcome"].reason for e in events.of("task_gave_up")] == ["worker_lost"]
 
 
-def test_one_lost_delivery_reruns_and_is_reported(app: Celery, events: Recorder) -> None:
+def test_one_lost_delivery_reruns_and_is_reported(app: Celery, events: HookRecorder) -> None:
     """A redelivery within the budget runs and is reported as seen."""
 
     @resilient(max_crashes=3)
@@ -284,7 +281,7 @@ def test_lock_callable_renders_the_key(app: Celery) -> None:
     assert add.delay(2, 3).get() == "sum:5"
 
 
-def test_users_own_retry_is_honoured_and_counted(app: Celery, events: Recorder) -> None:
+def test_users_own_retry_is_honoured_and_counted(app: Celery, events: HookRecorder) -> None:
     """self.retry() in the body retries as Celery does and is reported as requested."""
 
     @resilient(max_retries=3)
@@ -324,7 +321,7 @@ def test_lease_is_renewed_while_a_long_body_runs(app: Celery) -> None:
     assert contended == [Admission.LOCK_CONTENDED] * 4
 
 
-def test_failing_observer_never_fails_the_task(app: Celery, events: Recorder) -> None:
+def test_failing_observer_never_fails_the_task(app: Celery, events: HookRecorder) -> None:
     """A plugin hook that raises is logged; the task and other plugins carry on."""
     from celery_resilience import get_plugin_manager, hookimpl
 
@@ -363,7 +360,7 @@ def test_direct_call_runs_the_body_without_the_gate(app: Celery) -> None:
     assert direct(1) == 3
 
 
-def test_default_max_retries_comes_from_settings(app: Celery, events: Recorder) -> None:
+def test_default_max_retries_comes_from_settings(app: Celery, events: HookRecorder) -> None:
     """Without max_retries the app's resilience_max_retries applies, to self.retry too."""
     app.conf.resilience_max_retries = 1
     runs: list[int] = []
@@ -381,7 +378,7 @@ def test_default_max_retries_comes_from_settings(app: Celery, events: Recorder) 
 
 
 def test_countdown_without_heartbeat_stays_under_half_the_visibility_timeout(
-    backend_url: str, key_prefix: str, events: Recorder
+    backend_url: str, key_prefix: str, events: HookRecorder
 ) -> None:
     """Redis broker, heartbeat off: a retry never waits longer than visibility_timeout / 2."""
     app = Celery(f"t{uuid.uuid4().hex[:6]}", set_as_current=False)
@@ -404,7 +401,7 @@ def test_countdown_without_heartbeat_stays_under_half_the_visibility_timeout(
     assert [r["countdown"] for r in events.of("retry_scheduled")] == [5.0]
 
 
-def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: Recorder) -> None:
+def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: HookRecorder) -> None:
     """A lease left by a process that died on this machine does not block the task."""
     import subprocess
     import sys
@@ -437,7 +434,7 @@ def test_lock_of_a_live_holder_is_never_overtaken(app: Celery) -> None:
 
 
 def test_redelivery_is_reported_when_the_dead_holder_was_itself(
-    app: Celery, events: Recorder
+    app: Celery, events: HookRecorder
 ) -> None:
     """A delivery lost with its lease, freed as a dead holder, still counts as redelivered."""
     import subprocess
@@ -465,7 +462,7 @@ def _overlapping(spans: list[tuple[float, float]]) -> int:
 
 @pytest.mark.parametrize(("copies", "same_publish"), [(2, True), (4, True), (3, False)])
 def test_one_body_per_task_id_at_a_time_without_a_lock(
-    app: Celery, events: Recorder, copies: int, same_publish: bool
+    app: Celery, events: HookRecorder, copies: int, same_publish: bool
 ) -> None:
     """Concurrent deliveries of one task id never overlap: copies of a publish are then
     suppressed, other publishes of the id run after it. No dead letters."""

@@ -31,7 +31,7 @@ from celery_resilience import (
 from celery_resilience.heartbeat import Ticker
 from celery_resilience.liveness.node import adopt
 from celery_resilience.runtime import runtime
-from tests.recorder import Recorder, recording
+from celery_resilience.testing import HookRecorder, eager_app, record_hooks
 from tests.support.admissions import hold, lost_deliveries
 from tests.support.broker import Broker
 
@@ -39,26 +39,17 @@ FAST = Backoff(base=0.01, factor=2, cap=0.05, jitter="none")
 
 
 @pytest.fixture
-def observer() -> Iterator[Recorder]:
-    """A Recorder registered with the process' plugin manager for one test."""
-    with recording() as recorder:
+def observer() -> Iterator[HookRecorder]:
+    """A HookRecorder registered with the process' plugin manager for one test."""
+    with record_hooks() as recorder:
         yield recorder
 
 
 @pytest.fixture
 def app() -> Iterator[Celery]:
     """An eager app on private in-memory backends that stores eager results (for replay)."""
-    app = Celery(f"h{uuid.uuid4().hex[:6]}", set_as_current=False)
-    app.conf.update(
-        task_always_eager=True,
-        task_store_eager_result=True,
-        result_backend="cache+memory://",
-        resilience_url=f"memory://hooks-{uuid.uuid4().hex[:8]}",
-    )
-    yield app
-    rt = runtime(app)
-    rt.backend.close()
-    rt.dlq.close()
+    with eager_app(task_store_eager_result=True, result_backend="cache+memory://") as app:
+        yield app
 
 
 def held_by_another(app: Celery, lock_key: str, lease_ttl: float = 30.0) -> None:
@@ -67,7 +58,7 @@ def held_by_another(app: Celery, lock_key: str, lease_ttl: float = 30.0) -> None
 
 
 def test_resilience_retry_scheduled_reports_attempt_reason_and_countdown(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """Each retry the gate publishes is reported with its attempt, reason and countdown."""
 
@@ -89,7 +80,7 @@ def test_resilience_retry_scheduled_reports_attempt_reason_and_countdown(
 
 
 def test_resilience_lock_contended_names_the_key_and_the_lease_left(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """An attempt that finds its lock held reports the key and the holder's remaining lease."""
     ran: list[int] = []
@@ -115,7 +106,7 @@ def test_resilience_lock_contended_names_the_key_and_the_lease_left(
 
 
 def test_resilience_redelivery_seen_counts_the_deliveries_of_the_attempt(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """A delivery of an attempt whose earlier delivery was lost is reported, then runs."""
 
@@ -134,7 +125,7 @@ def test_resilience_redelivery_seen_counts_the_deliveries_of_the_attempt(
 
 
 def test_resilience_crash_budget_spent_comes_before_the_give_up(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """max_crashes lost deliveries: reported with the budget, then a worker_lost give-up."""
     ran: list[int] = []
@@ -161,7 +152,7 @@ def test_resilience_crash_budget_spent_comes_before_the_give_up(
 
 @pytest.mark.kombu
 def test_resilience_node_lost_when_a_nodes_presence_expires(
-    redis_url: str, key_prefix: str, observer: Recorder
+    redis_url: str, key_prefix: str, observer: HookRecorder
 ) -> None:
     """A live node's heartbeat tick puts back what a node that stopped renewing held, and
     reports it once, with the count per queue (real Redis broker, kombu consumers)."""
@@ -192,7 +183,7 @@ def test_resilience_node_lost_when_a_nodes_presence_expires(
 
 
 def test_resilience_duplicate_suppressed_when_a_succeeded_task_id_comes_again(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """A second delivery of a publish that succeeded is reported and does not run."""
     runs: list[int] = []
@@ -212,7 +203,7 @@ def test_resilience_duplicate_suppressed_when_a_succeeded_task_id_comes_again(
     assert observer.of("duplicate_suppressed") == [{"task_name": once.name, "task_id": task_id}]
 
 
-def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: Recorder) -> None:
+def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: HookRecorder) -> None:
     """Retries spent: one give-up with reason, arguments, attempts and the exception."""
 
     @resilient(max_retries=1, retry_on=(TimeoutError,), backoff=FAST, dlq=False)
@@ -239,7 +230,7 @@ def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: Reco
 
 
 def test_resilience_dead_letter_stored_reports_the_entry_and_what_the_cap_trimmed(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """Each stored dead letter is reported before the give-up, with the entries it trimmed."""
     app.conf.resilience_dlq_max_entries = 1
@@ -262,7 +253,7 @@ def test_resilience_dead_letter_stored_reports_the_entry_and_what_the_cap_trimme
 
 
 def test_resilience_dead_letter_replayed_reports_the_entry_before_the_replay(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """A replay reports the entry as it was stored and the task id it published."""
     attempts: list[int] = []
@@ -287,7 +278,9 @@ def test_resilience_dead_letter_replayed_reports_the_entry_before_the_replay(
     assert observer.of("dead_letter_deleted") == []
 
 
-def test_resilience_dead_letter_deleted_names_the_entry(app: Celery, observer: Recorder) -> None:
+def test_resilience_dead_letter_deleted_names_the_entry(
+    app: Celery, observer: HookRecorder
+) -> None:
     """DeadLetterQueue.delete reports the id it removed."""
 
     @resilient
@@ -304,7 +297,7 @@ def test_resilience_dead_letter_deleted_names_the_entry(app: Celery, observer: R
 
 
 def test_resilience_dead_letters_purged_reports_task_name_and_count(
-    app: Celery, observer: Recorder
+    app: Celery, observer: HookRecorder
 ) -> None:
     """purge(task_name=...) and purge() each report what they removed."""
 

@@ -46,8 +46,8 @@ from celery_resilience.exporters.prometheus import (
     require_prometheus_client,
 )
 from celery_resilience.exporters.prometheus_server import MultiprocessDirectory
+from celery_resilience.testing import eager_app, record_hooks
 from celery_resilience.worker import MetricsBootstep
-from tests.recorder import recording
 from tests.support.admissions import hold, lost_deliveries
 
 # tests/test_gate.py registers shared tasks with one name from several test functions;
@@ -63,10 +63,8 @@ ELSEWHERE = "another-host|1|-|node|holder|00000000"  # a lease owner never presu
 @pytest.fixture
 def app() -> Iterator[Celery]:
     """An eager app on a fresh memory:// backend (the DLQ shares it)."""
-    app = Celery(f"m{uuid.uuid4().hex[:6]}", set_as_current=False)
-    app.conf.update(task_always_eager=True, resilience_url=f"memory://{uuid.uuid4().hex}")
-    yield app
-    app.close()
+    with eager_app() as app:
+        yield app
 
 
 @pytest.fixture
@@ -229,7 +227,7 @@ def test_lock_contention_counts_attempts_and_observes_each_wait(
     @app.task(shared=False, name="m.locked")
     def locked(n: int) -> None: ...
 
-    with recording() as recorder:
+    with record_hooks() as recorder:
         result = locked.apply((1,))
     assert result.state == "FAILURE"
     waits = [e["countdown"] for e in recorder.of("retry_scheduled")]
