@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from kombu import Consumer, Exchange, Producer, Queue
 
 from celery_resilience.liveness.holders import ProcessPresence
 from celery_resilience.liveness.keys import ms, script
@@ -73,6 +74,44 @@ def test_a_dead_nodes_messages_go_back_to_their_queue_once(nodes: Callable[[], B
     assert record["node"] == dead.node.id
     assert record["nodename"] == json.loads(dead.node.info)["nodename"]
     assert record["recovered"] == {"hbq": 3}
+
+
+def test_recovery_returns_each_message_to_its_own_queue_and_priority(
+    nodes: Callable[[], Broker],
+) -> None:
+    """A dead node consuming two queues, with messages of several priorities: each one
+    goes back to the very list kombu had published it to (queue and priority step)."""
+    dead, live = nodes(), nodes()
+    second = Queue("hbq2", Exchange("hbq2"), routing_key="hbq2")
+    producer = Producer(dead.channel)
+    for body, queue, priority in [("low", dead.queue, 0), ("high", dead.queue, 9),
+                                  ("mid", second, 5), ("other", second, 0)]:  # fmt: skip
+        producer.publish(
+            body, exchange=queue.exchange, routing_key=queue.routing_key,
+            declare=[queue], priority=priority,
+        )  # fmt: skip
+    published = lists_of(dead)
+    assert len(published) == 4  # one list per (queue, priority step)
+    dead.consumer = Consumer(
+        dead.channel, [dead.queue, second], callbacks=[dead._on_message], no_ack=False
+    )
+    dead.consumer.consume()
+    dead.consume(4)
+    assert lists_of(dead) == {}
+
+    (recovered,) = sweep_for(live, 4 * TTL)
+
+    assert dict(recovered.queues) == {"hbq": 2, "hbq2": 2}
+    assert lists_of(live) == published
+
+
+def lists_of(broker: Broker) -> dict[str, list[str]]:
+    """Every queue list of ``broker``'s two queues: key -> the bodies in it."""
+    lists = {}
+    for key in broker.raw.scan_iter(f"{broker.prefix}hbq*"):
+        if broker.raw.type(key) == "list":
+            lists[key] = [json.loads(m)["body"] for m in broker.raw.lrange(key, 0, -1)]
+    return lists
 
 
 def test_a_live_node_keeps_what_it_holds(nodes: Callable[[], Broker]) -> None:
