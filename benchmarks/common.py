@@ -12,13 +12,14 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +172,79 @@ def rss_kib(pids: Iterable[int]) -> dict[str, int]:
                     if line.startswith("Pss:"):
                         out["pss_kib"] += int(line.split()[1])
     return out
+
+
+# -- a redis-server of the benchmark's own --------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrivateRedis:
+    """A ``redis-server`` only this benchmark uses (see :func:`private_redis`)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@contextlib.contextmanager
+def private_redis(directory: str) -> Iterator[PrivateRedis]:
+    """Start ``redis-server`` on a free loopback port, without persistence, so that its
+    ``INFO`` counters count only the benchmark's commands; end it (by its pid) after."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise SystemExit("redis-server is not on PATH")
+    port = free_port()
+    cmd = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "no", "--dir", directory,
+           "--logfile", os.path.join(directory, f"redis-{port}.log")]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    server = PrivateRedis(f"redis://127.0.0.1:{port}/0", proc)
+    try:
+        r = redis.Redis.from_url(server.url, socket_connect_timeout=1)
+        if not wait_for(lambda: _answers(r), 30.0):
+            raise RuntimeError(f"redis-server on port {port} did not answer within 30 s")
+        r.close()
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _answers(r: redis.Redis) -> bool:
+    try:
+        return bool(r.ping())
+    except redis.RedisError:
+        return False
+
+
+def redis_usage(r: redis.Redis) -> dict[str, float]:
+    """The server's CPU seconds (user + sys, all its threads), commands processed (those
+    Lua scripts run included), used memory (bytes) and clients, from one ``INFO``."""
+    info = r.info()
+    return {
+        "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+        "commands": float(info["total_commands_processed"]),
+        "used_memory": float(info["used_memory"]),
+        "clients": float(info["connected_clients"]),
+    }
 
 
 def versions() -> dict[str, str]:

@@ -3,8 +3,8 @@
 
 From the repository root, with any Python 3.10+::
 
-    python benchmarks/run.py            # full run, under 10 minutes on 2 shared cores
-    python benchmarks/run.py --quick    # smoke run, about a minute
+    python benchmarks/run.py            # full run, about 30 minutes on 2 shared cores
+    python benchmarks/run.py --quick    # smoke run, 3-4 minutes
     python benchmarks/run.py --only locks,dlq
 
 It first makes the benchmark's own environment, ``benchmarks/.venv`` (with ``uv`` when
@@ -84,6 +84,7 @@ SCRIPTS = {
     "dlq": "dlq_bench.py",
     "memory": "memory.py",
     "recovery": "recovery.py",
+    "liveness": "liveness_scale.py",
 }
 
 
@@ -302,6 +303,61 @@ def t_recovery(d: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _pair(xs: tuple[dict[str, Any], ...], key: str, digits: int = 0) -> str:
+    """``before / liveness``: the figure ``key`` (``"a.b"`` for ``x["a"]["b"]``) of each."""
+    out = []
+    for x in xs:
+        value: Any = x
+        for part in key.split("."):
+            value = value[part]
+        out.append(f"{float(value):,.{digits}f}")
+    return " / ".join(out)
+
+
+def t_liveness(d: dict[str, Any]) -> list[str]:
+    cfg = d["config"]
+    by = {(x["nodes"], x["held_per_node"], x["mechanism"]): x for x in d["scale"]}
+    rows = ["| nodes | messages held per node | Redis CPU, % of one core | commands/s | "
+            "round trips/s | per node: commands/s | per node: Redis CPU, µs/s | "
+            "ticks > 100 ms late (p99 lateness) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for nodes, held in sorted({(k[0], k[1]) for k in by}):
+        b, li = by.get((nodes, held, "before")), by.get((nodes, held, "liveness"))
+        if b is None or li is None:
+            continue
+        xs = (b, li)
+        late = " / ".join(f"{x['ticks']['late_share'] * 100:.1f}% ({x['ticks']['late_p99_ms']:.0f} ms)"
+                          for x in xs)  # fmt: skip
+        rows.append(f"| {nodes:,} | {held:,} | {_pair(xs, 'redis_cpu_pct', 2)} | "
+                    f"{_pair(xs, 'commands_per_s')} | {_pair(xs, 'round_trips_per_s')} | "
+                    f"{_pair(xs, 'per_node.commands_per_s', 1)} | "
+                    f"{_pair(xs, 'per_node.redis_cpu_us_per_s')} | {late} |")  # fmt: skip
+    base = d["baseline"]
+    rows += ["", f"Each cell: before liveness / with liveness. Node TTL {cfg['node_ttl']:g} s, "
+             f"visibility timeout {cfg['visibility_timeout']:g} s; windows {cfg['window']:g} s idle, "
+             f"{cfg['held_window']:g} s holding, after {cfg['warmup_s']:g} s of ticking; up to "
+             f"{cfg['per_process']} nodes per simulator process. Per node: less the idle server "
+             f"({base['redis_cpu_pct']:.2f}% CPU, {base['commands_per_s']:.1f} commands/s), "
+             "divided by the nodes."]  # fmt: skip
+    rows += ["", "| heartbeat | messages held by the dead node | expiry → first back, s | "
+             "expiry → all back, s | restore, s | round trips of the restoring tick | "
+             "each back exactly once |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    names = {"liveness": "liveness (presence expired)",
+             "before": "before liveness (messages due: a visibility timeout after the refresh)"}  # fmt: skip
+    for m, rs in d["recovery"].items():
+        s = d["recovery_summary"][m]
+        once = sum(bool(x["checks"]["each_back_once"]) and not x["checks"]["unacked_left"]
+                   and not x["checks"]["held_left"] for x in rs)  # fmt: skip
+        trips = sorted(x["live_tick_round_trips"] for x in rs if "live_tick_round_trips" in x)
+        trips_cell = f"{trips[len(trips) // 2]:,}" if trips else "n/a"
+        rows.append(f"| {names.get(m, m)} | {cfg['recover']:,} | {cell(s['expired_to_first_s'], 2)} | "
+                    f"{cell(s['expired_to_all_s'], 2)} | {cell(s['restore_s'], 2)} | {trips_cell} | "
+                    f"{once} of {len(rs)} rounds |")  # fmt: skip
+    rows += ["", f"{cfg['rounds']} rounds per heartbeat (median, min-max)."]
+    return rows
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "throughput": ("Throughput", t_throughput),
     "gate": ("Latency the gate adds per delivery", t_gate),
@@ -309,12 +365,13 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "recovery": ("Recovery after death, lock keys of the dead, duplicates", t_recovery),
     "dlq": ("Dead-letter queue", t_dlq),
     "memory": ("Worker memory", t_memory),
+    "liveness": ("Liveness at scale", t_liveness),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run, about a minute")
+    p.add_argument("--quick", action="store_true", help="smoke run, 3-4 minutes")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SCRIPTS)}")
     p.add_argument("--no-venv", action="store_true", help="run with this Python as it is")
     args = p.parse_args(argv)
