@@ -106,12 +106,16 @@ def _restore(
     args: list[Any] = []
     queues_of: list[list[str]] = []
     unroutable: list[str] = []
+    routes: dict[tuple[str, str], list[str]] = {}  # kombu reads the bindings from Redis
     for tag, entry in zip(flat[0::2], flat[1::2], strict=True):
         tag = text(tag)
         try:
             payload, exchange, routing_key = loads(text(entry))
             _mark_redelivered(payload)
-            queues = list(channel._lookup(exchange, routing_key))
+            route = (exchange, routing_key)
+            if route not in routes:
+                routes[route] = list(channel._lookup(exchange, routing_key))
+            queues = routes[route]
             priority = channel._get_message_priority(payload, reverse=False)
         except Exception as exc:  # not kombu's entry: leave it to the visibility timeout
             logger.warning("celery-resilience: cannot restore message %s: %s", tag, exc)
