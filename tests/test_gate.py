@@ -8,6 +8,7 @@ tests/integration.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -319,6 +320,30 @@ def test_lease_is_renewed_while_a_long_body_runs(app: Celery) -> None:
     long_body.delay(1).get()
     thread.join()
     assert contended == [Admission.LOCK_CONTENDED] * 4
+
+
+def test_a_renewal_that_finds_the_lease_gone_sets_lease_lost(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body's leases vanish while it runs (expired and taken by another holder):
+    the next renewal marks the attempt ``lease_lost`` and warns; until then it is False."""
+    seen: list[bool] = []
+
+    @resilient(lock="gone:{x}", lock_ttl=0.3)
+    @app.task(shared=False)
+    def body(x: int) -> None:
+        attempt = current_attempt()
+        assert runtime(app).backend.release(attempt.task_id, attempt.lock_key, attempt.owner)
+        seen.append(attempt.lease_lost)
+        deadline = time.monotonic() + 3
+        while not attempt.lease_lost and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen.append(attempt.lease_lost)
+
+    with caplog.at_level(logging.WARNING, logger="celery_resilience.leases"):
+        body.delay(1).get()
+    assert seen == [False, True]
+    assert "lost the run lease of" in caplog.text
 
 
 def test_failing_observer_never_fails_the_task(app: Celery, events: HookRecorder) -> None:
