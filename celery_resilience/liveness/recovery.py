@@ -57,8 +57,7 @@ def recover(
     info = _info(client, keys, dead)
     result = Recovered(dead, info)
     claim = script("claim")
-    prefix = channel.global_keyprefix or ""
-    unacked = [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
+    unacked = _unacked_keys(channel)
     while True:
         reply = claim(
             client,
@@ -150,14 +149,19 @@ def hand_back(channel: Any, client: Any, keys: Keys, node: str, tags: list[str])
     """Put the messages ``tags`` that ``node`` (this node) holds back on their queues,
     except those a pool child has started meanwhile; return how many went to each queue.
     """
-    prefix = channel.global_keyprefix or ""
-    unacked = [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
+    unacked = _unacked_keys(channel)
     entries = execute(client, "HMGET", unacked[0], *tags) if tags else []
     flat = [x for pair in zip(tags, entries, strict=True) if pair[1] is not None for x in pair]
     counts: Counter[str] = Counter()
     if flat:
         _restore(channel, client, keys, node, unacked, flat, counts, handing_back=True)
     return counts
+
+
+def _unacked_keys(channel: Any) -> list[str]:
+    """kombu's unacked hash and unacked index of ``channel``, with ``global_keyprefix``."""
+    prefix = channel.global_keyprefix or ""
+    return [prefix + channel.unacked_key, prefix + channel.unacked_index_key]
 
 
 def _mark_redelivered(payload: dict[str, Any]) -> None:
