@@ -14,10 +14,12 @@ consumer's timer:
    holds (reserved, running, waiting for its ETA, or fetched and not yet handed to the
    consumer) to *half a visibility timeout ago* on the server's clock, so kombu's own
    restore never fires on it, and forgets the acked ones;
-3. every liveness sweep (``node_ttl / 6``, at most 1 s) recovers the messages of every
-   node whose presence expired (``liveness.recovery``), and every restore sweep
-   (``timeout / 20``, 0.05-2 s) runs kombu's restore by the visibility timeout, on the
-   server's clock, as the backstop for messages no node claims;
+3. on the one node of the fleet holding the sweeper lease (taken by a renewal when it
+   is free), every liveness sweep (``node_ttl / 6``, at most 1 s) recovers the messages
+   of every node whose presence expired (``liveness.recovery``), and every restore
+   sweep (``timeout / 20``, 0.05-2 s) runs kombu's restore by the visibility timeout,
+   on the server's clock, as the backstop for messages no node claims (kombu's own
+   poller still runs it on every node, throttled: one call in ten);
 4. makes the consumer channel fetch reliably (``celery_resilience.fetch``), so a
    message is recorded as unacked and held by this node by the command that pops it;
    where the server or the broker user's ACL cannot (no ``BLMOVE``, a refused script
@@ -58,6 +60,7 @@ logger = logging.getLogger(__name__)
 MAX_TICK = 30.0  # seconds between ticks at most, whatever the visibility timeout
 MIN_TICK = 0.05
 MAX_SWEEP = 2.0  # seconds between restore sweeps at most
+SWEEPER_ONLY = frozenset({"liveness sweep", "restore sweep"})  # steps of the fleet's sweeper
 
 
 def tick_interval(visibility_timeout: float) -> float:
@@ -130,9 +133,10 @@ class Ticker:
     due, each on its own schedule; a failing step is logged and never stops the others.
 
     Steps, and the seconds between two runs of each: presence renewal (``ttl / 3``),
-    visibility refresh (``tick_interval``), liveness sweep (``liveness.sweep_interval``;
-    a lost node is logged and reported to the ``resilience_node_lost`` hook), restore
-    sweep (``sweep_interval``).
+    visibility refresh (``tick_interval``), and, on the fleet's one sweeper node only
+    (``Node.sweeper``), liveness sweep (``liveness.sweep_interval``; a lost node is
+    logged and reported to the ``resilience_node_lost`` hook) and restore sweep
+    (``sweep_interval``).
     """
 
     def __init__(self, rt: Runtime, node: Node, visibility_timeout: float) -> None:
@@ -158,7 +162,7 @@ class Ticker:
         }
         now = time.monotonic()
         for step, run in steps.items():
-            if now < self._due[step]:
+            if now < self._due[step] or (step in SWEEPER_ONLY and not node.sweeper):
                 continue
             self._due[step] = now + self.plan[step]
             try:

@@ -72,8 +72,9 @@ class Nodes:
 
     ``live`` is sorted by node name; ``lost`` is newest first (at most the 100 kept);
     ``holders`` counts lease-holder processes whose presence has not expired.
-    ``sweeping`` says whether some node swept within one node TTL: an expired node is
-    then being recovered; otherwise it is recovered once a live node sweeps again.
+    ``sweeping`` says whether a node holds the sweeper lease or a node's presence has not
+    expired (it takes the lease at its next renewal): an expired node is then being
+    recovered; otherwise it is recovered once a node runs again.
     """
 
     now: float
@@ -107,7 +108,7 @@ def read_nodes(app: Any, *, scan_limit: int = SCAN_LIMIT) -> Nodes:
     unacked = (options.get("global_keyprefix") or "") + (options.get("unacked_key") or "unacked")
     try:
         with liveness.connected(app) as client:
-            return _read(client, keys, unacked, settings.node_ttl, scan_limit)
+            return _read(client, keys, unacked, scan_limit)
     except (RedisError, OperationalError, OSError) as exc:
         raise BackendUnavailable(
             f"the broker's Redis at {mask_url(broker_url(conf))} did not answer: "
@@ -125,11 +126,10 @@ def _why_off(app: Any) -> str:
     return f"{runtime(app).settings.name_of('visibility_heartbeat')} is false"
 
 
-def _read(client: Any, keys: Keys, unacked: str, ttl: float, scan_limit: int) -> Nodes:
+def _read(client: Any, keys: Keys, unacked: str, scan_limit: int) -> Nodes:
     seconds, micros = execute(client, "TIME")
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    last_sweep = execute(client, "GET", keys.clock)
-    sweeping = last_sweep is not None and now_ms - int(last_sweep) <= ttl * 1000
+    sweeper = execute(client, "GET", keys.sweeper)
     reply = execute(client, "ZRANGE", keys.presence, 0, -1, "WITHSCORES")
     present = {text(member): float(score) for member, score in _pairs(reply)}
     node_ids = sorted(i for i in present if i.startswith("node/"))
@@ -161,6 +161,7 @@ def _read(client: Any, keys: Keys, unacked: str, ttl: float, scan_limit: int) ->
         1 for i, deadline in present.items() if i.startswith("proc/") and deadline >= now_ms
     )
     lost = [_lost(_json_object(raw)) for raw in execute(client, "LRANGE", keys.lost, 0, -1)]
+    sweeping = sweeper is not None or any(not n.expired for n in live)
     return Nodes(now_ms / 1000, live, lost, holders, sweeping)
 
 

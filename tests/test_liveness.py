@@ -19,8 +19,7 @@ import pytest
 from kombu import Consumer, Exchange, Producer, Queue
 
 from celery_resilience.liveness.holders import ProcessPresence
-from celery_resilience.liveness.keys import ms, script
-from celery_resilience.liveness.recovery import Recovered, hand_back
+from celery_resilience.liveness.recovery import Recovered, hand_back, recover
 from celery_resilience.owners import new_owner, presence_of
 from tests.support.broker import Broker, adopted_nodes
 
@@ -151,6 +150,58 @@ def test_a_warm_shutdown_hands_back_what_no_pool_child_started(
     assert all(child.starts(tag) for tag in copies)
 
 
+def test_one_node_sweeps_for_the_fleet_and_another_takes_over_when_it_dies(
+    nodes: Callable[[], Broker],
+) -> None:
+    """Of three live nodes only the one holding the sweeper lease sweeps; the others'
+    sweeps do nothing. When the sweeper dies, a renewal of another node takes the lease
+    and that node recovers the dead sweeper's messages."""
+    fleet = [nodes() for _ in range(3)]
+    for each in fleet:  # within the lease's TTL (TTL / 3): one of them holds it
+        each.node.renew(each.raw)
+    (sweeper,) = [b for b in fleet if b.node.sweeper]
+    second, third = [b for b in fleet if b is not sweeper]
+    assert sweeper.raw.get(sweeper.keys.sweeper) == sweeper.node.id
+    sweeper.publish("held by the sweeper")
+    sweeper.consume(1)
+    sweeper.node.renew(sweeper.raw)
+    for other in (second, third):
+        assert other.node.sweep(other.raw, other.channel) == []
+        assert not other.node.sweeper
+
+    lost = sweep_for(second, 5 * TTL, third)  # the sweeper stops renewing and sweeping
+
+    assert [r.node for r in lost] == [sweeper.node.id]
+    assert second.node.sweeper != third.node.sweeper  # one of them took the lease
+    assert [_body(m) for m in queued(second)] == ["held by the sweeper"]
+
+
+def test_a_sweeper_that_leaves_frees_the_lease_for_the_next_renewal(
+    nodes: Callable[[], Broker],
+) -> None:
+    sweeper, other = nodes(), nodes()
+    assert sweeper.node.leave(sweeper.raw, *sweeper.index())
+    assert not sweeper.raw.exists(sweeper.keys.sweeper)
+    other.node.renew(other.raw)
+    assert other.node.sweeper
+
+
+def test_no_node_is_presumed_dead_after_a_quiet_server_when_a_renewal_comes_first(
+    nodes: Callable[[], Broker],
+) -> None:
+    """The first call after the server was away may be any node's renewal: it gives every
+    lease one more TTL too, so the sweep after it presumes nobody dead."""
+    paused, live = nodes(), nodes()
+    paused.publish("kept")
+    paused.consume(1)
+    live.raw.set(live.keys.clock, 0)
+    time.sleep(TTL * 1.5)
+    live.node.renew(live.raw)
+    assert live.node.sweep(live.raw, live.channel) == []
+    assert sweep_for(live, 4 * TTL, paused) == []
+    assert queued(live) == []
+
+
 def test_a_consumer_without_presence_is_left_to_kombu(
     redis_url: str, key_prefix: str, nodes: Callable[[], Broker]
 ) -> None:
@@ -167,20 +218,20 @@ def test_a_consumer_without_presence_is_left_to_kombu(
 
 
 def test_concurrent_sweepers_restore_each_message_once(nodes: Callable[[], Broker]) -> None:
-    """Three live nodes recover a dead one holding 1,200 messages at the same moment,
-    while kombu's own restore sweep runs on the same messages: each is queued once."""
+    """Three live nodes recover a dead one holding 1,200 messages at the same moment (as
+    two sweepers do when one stalled past its sweeper lease and another took it), while
+    kombu's own restore sweep runs on the same messages: each is queued once."""
     dead = nodes()
     sweepers = [nodes() for _ in range(3)]
     dead.publish(*range(1200))
     dead.consume(1200)
     deadline = time.monotonic() + TTL * 1.5
-    while time.monotonic() < deadline:  # the dead node expires while nodes sweep
+    while time.monotonic() < deadline:  # the dead node expires while the others renew
         for s in sweepers:
             s.node.renew(s.raw)
-            script("due")(s.raw, [s.keys.presence, s.keys.clock], [ms(TTL), 1])  # lists only
         time.sleep(TTL / 6)
     dead.age(*dead.scores())  # kombu's visibility sweep finds them all due, too
-    results: list[list[Recovered]] = []
+    results: list[Any] = []
     errors: list[BaseException] = []
 
     def run(target: Callable[[], Any]) -> threading.Thread:
@@ -194,7 +245,10 @@ def test_concurrent_sweepers_restore_each_message_once(nodes: Callable[[], Broke
         thread.start()
         return thread
 
-    threads = [run(lambda s=s: s.node.sweep(s.raw, s.channel)) for s in sweepers]
+    def recovery(s: Broker) -> Recovered:
+        return recover(s.channel, s.raw, s.keys, s.node.id, dead.node.id, TTL)
+
+    threads = [run(lambda s=s: recovery(s)) for s in sweepers]
     threads.append(run(lambda: [dead.channel.qos.restore_visible(num=2000, interval=1)]))
     for t in threads:
         t.join(timeout=60)

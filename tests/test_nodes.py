@@ -169,7 +169,9 @@ def test_an_expired_node_not_yet_recovered_is_still_listed_as_expired(
     deadline = time.monotonic() + 2 * TTL
     while time.monotonic() < deadline:  # sweeps that find it due, before any recovery
         live.node.renew(live.raw)
-        script("due")(live.raw, [live.keys.presence, live.keys.clock], [500, 16])
+        keys = live.keys
+        due = [keys.presence, keys.clock, keys.sweeper]
+        script("due")(live.raw, due, [500, 16, live.node.id, 500])  # lists, recovers none
         time.sleep(TTL / 6)
 
     found = fresh(app, live)
@@ -202,7 +204,7 @@ def test_lease_holders_are_counted_while_present(app: Celery, nodes: Callable[[]
         found = fresh(app, node)
         assert found.holders == 1
         assert [n.id for n in found.live] == [node.node.id]
-    time.sleep(1.5 * TTL)
+    sweep_for(node, 1.5 * TTL)
     assert fresh(app, node).holders == 0
 
 

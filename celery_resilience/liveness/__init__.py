@@ -3,16 +3,17 @@
 Each worker node keeps a presence lease in the broker's Redis (``resilience_node_ttl``,
 default 6 s, on the server's clock), renewed every ``ttl / 3`` by its main process and
 by every fetch. The fetch that pops a message records, in the same step, that this
-node holds it (``held:{node}``). Every live node sweeps every ``ttl / 6`` (at most 1 s):
+node holds it (``held:{node}``). The one node holding the sweeper lease (taken by any
+node's renewal when it is free) sweeps every ``ttl / 6`` (at most 1 s) for the fleet:
 a node whose presence expired has every message it held put back on its queue, once
 (``recovery``), and a process holding run or lock leases keeps a presence of its own,
 so its leases are free at once when it dies, on any host (``holders``).
 
 Only nodes that register presence are ever recovered this way: a worker without
 celery-resilience on the same Redis keeps kombu's visibility timeout. Every timing
-decision uses the server's ``TIME`` or TTLs, never a worker's clock, and a sweep that
-finds no sweep for longer than a TTL (the server was stopped) extends every lease
-instead of declaring every node dead.
+decision uses the server's ``TIME`` or TTLs, never a worker's clock, and the first
+renewal or sweep after the server heard from nobody for half a TTL (it was stopped)
+extends every lease instead of letting the sweep declare every node dead.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ class ProcessPresence:
     def _renew(self) -> bool:
         started = time.monotonic()
         try:
-            script("renew")(self.client, [self.keys.presence], [self.id, ms(self.ttl)])
+            keys = self.keys
+            script("renew")(self.client, [keys.presence, keys.clock], [self.id, ms(self.ttl)])
         except Exception as exc:
             logger.warning(
                 "celery-resilience: could not renew the presence of lease holder %s: %s: %s",

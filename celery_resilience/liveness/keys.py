@@ -4,7 +4,8 @@ Every key is named here once: ``{global_keyprefix}{key_prefix}:`` then
 
 * ``presence``: sorted set, presence id -> deadline (ms of the server's clock). A
   worker node's id starts ``node/``, a process holding leases ``proc/``;
-* ``clock``: the server time (ms) of the last sweep of any node;
+* ``clock``: the server time (ms) of the last renewal or sweep of any node or holder;
+* ``sweeper``: which node sweeps for the whole fleet (a lease, its presence id);
 * ``node:{id}``: a node's presence key (its info, JSON), expiring with its presence;
 * ``info``: hash, node id -> info (JSON), until the node leaves or is recovered;
 * ``held:{id}``: delivery tags of the messages the node holds;
@@ -15,7 +16,8 @@ Every key is named here once: ``{global_keyprefix}{key_prefix}:`` then
 
 Scripts are the ``.lua`` files of this package, each loaded once per client and run
 with ``EVALSHA`` through redis-py's own ``execute_command``: kombu's client would add
-``global_keyprefix`` to some of the keys only.
+``global_keyprefix`` to some of the keys only. The scripts that judge presence start
+with ``clock.lua`` (the server's clock, and whether the server was serving all along).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from importlib import resources
 from typing import Any
 
 MAX_LOST = 100  # lost-node records kept
+ON_THE_CLOCK = frozenset({"renew", "due", "gone"})  # the scripts that start with clock.lua
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class Keys:
     @property
     def clock(self) -> str:
         return self.prefix + "clock"
+
+    @property
+    def sweeper(self) -> str:
+        return self.prefix + "sweeper"
 
     @property
     def info(self) -> str:
@@ -100,7 +107,10 @@ class Script:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = resources.files(__package__).joinpath(f"{name}.lua").read_text()
+        here = resources.files(__package__)
+        self.source = here.joinpath(f"{name}.lua").read_text()
+        if name in ON_THE_CLOCK:
+            self.source = here.joinpath("clock.lua").read_text() + "\n" + self.source
         self._sha: str | None = None
 
     def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:

@@ -31,6 +31,13 @@ DUE_LIMIT = 16  # dead nodes and holders taken per sweep
 class Node:
     """This worker node: its presence id, and what it holds, in the broker's Redis.
 
+    One node of the fleet at a time is the *sweeper* (:attr:`sweeper`): it holds the
+    sweeper lease, which every renewal takes when it is free, and it alone runs the
+    liveness and restore sweeps, so their cost does not grow with the fleet. The lease
+    lasts ``ttl / 3`` and the sweeper renews it at every sweep: when the sweeper dies,
+    another node holds the lease within ``2 * ttl / 3``, before the dead one's presence
+    can have expired.
+
     :param ttl: seconds the node's presence outlives its last renewal.
     """
 
@@ -47,16 +54,20 @@ class Node:
             }
         )
         self.held = keys.held(self.id)
+        self.sweeper = False
+        self.sweeper_lease = ttl / 3
         self._renewals = 0
 
     def renew(self, client: Any) -> None:
-        """Renew the presence; warn when it had expired (this node was presumed dead)."""
+        """Renew the presence, and take or keep the sweeper lease (:attr:`sweeper`); warn
+        when the presence had expired (this node was presumed dead)."""
         keys = self.keys
-        absent = script("renew")(
+        absent, sweeper = script("renew")(
             client,
-            [keys.presence, keys.node(self.id), keys.info],
-            [self.id, ms(self.ttl), self.info],
+            [keys.presence, keys.clock, keys.node(self.id), keys.info, keys.sweeper],
+            [self.id, ms(self.ttl), self.info, ms(self.sweeper_lease)],
         )
+        self.sweeper = bool(int(sweeper))
         if int(absent) and self._renewals:
             logger.warning(
                 "celery-resilience: node %s had not renewed its presence for over %g s (a "
@@ -73,18 +84,24 @@ class Node:
         return int(script("refresh")(client, [index, self.held], [age]))
 
     def sweep(self, client: Any, channel: Any) -> list[Recovered]:
-        """Recover every node (and lease holder) whose presence expired; return what
-        each recovery of a node gave back. Holders hold no messages: they are removed."""
-        due = script("due")(
-            client, [self.keys.presence, self.keys.clock], [ms(self.ttl), DUE_LIMIT]
+        """As the sweeper, recover every node (and lease holder) whose presence expired;
+        return what each recovery of a node gave back. Holders hold no messages: they
+        are removed. Another node holding the sweeper lease now: nothing, and
+        :attr:`sweeper` is false until a renewal finds the lease free."""
+        keys = self.keys
+        reply = script("due")(
+            client,
+            [keys.presence, keys.clock, keys.sweeper],
+            [ms(self.ttl), DUE_LIMIT, self.id, ms(self.sweeper_lease)],
         )
+        self.sweeper = bool(int(reply[0]))
         lost = []
-        for dead in map(text, due):
+        for dead in map(text, reply[1:]):
             if dead == self.id:  # stalled past its own TTL: it still holds what it holds
                 continue
-            recovered = recover(channel, client, self.keys, self.id, dead, self.ttl)
+            recovered = recover(channel, client, keys, self.id, dead, self.ttl)
             if recovered.finished and dead.startswith("node/"):
-                record_lost(client, self.keys, recovered, _server_time(client))
+                record_lost(client, keys, recovered, _server_time(client))
                 lost.append(recovered)
         return lost
 
@@ -95,9 +112,12 @@ class Node:
         if self.refresh(client, index, age):
             return False
         keys = self.keys
-        execute(client, "ZREM", keys.presence, self.id)
-        execute(client, "DEL", keys.node(self.id), self.held)
-        execute(client, "HDEL", keys.info, self.id)
+        script("leave")(
+            client,
+            [keys.presence, keys.node(self.id), self.held, keys.info, keys.sweeper],
+            [self.id],
+        )
+        self.sweeper = False
         return True
 
 

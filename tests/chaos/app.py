@@ -20,8 +20,8 @@ bodies write for the test to check:
   published by the thousand (a hash task id -> bodies started / ended, nothing else).
 
 A node started with ``CHAOS_GATE`` set waits, once imported and before it starts its
-pool and consumer, until the test pushes to that Redis list: it is ready a fraction of
-a second after, where a cold start takes seconds.
+pool and consumer, until the test pushes to that Redis list (it sets ``<gate>:waiting``
+meanwhile): it is ready a fraction of a second after, where a cold start takes seconds.
 """
 
 from __future__ import annotations
@@ -214,6 +214,7 @@ def create_app(env: Mapping[str, str]) -> Celery:
         gate = env[GATE]
 
         def wait_for_the_gate(**_: Any) -> None:
+            records.client().set(gate + ":waiting", 1, ex=int(GATE_MAX_S))
             records.client().blpop([gate], timeout=GATE_MAX_S)
 
         signals.worker_init.connect(wait_for_the_gate, weak=False)

@@ -195,6 +195,14 @@ class ChaosCluster:
         assert node.gate is not None, f"{node.name} was not spawned gated"
         self.redis.rpush(node.gate, "go")
 
+    def wait_gated(self, node: Node) -> None:
+        """Wait until a gated node is imported and waiting at its gate."""
+        assert node.gate is not None, f"{node.name} was not spawned gated"
+        key = node.gate + ":waiting"
+        wait_until(
+            lambda: self.redis.exists(key), f"{node.name} at its gate", self.report, READY_TIMEOUT_S
+        )
+
     def wait_ready(self, node: Node) -> None:
         node.wait_ready(READY_TIMEOUT_S, self.report)
 
@@ -273,6 +281,12 @@ class ChaosCluster:
     def present_nodes(self) -> list[dict[str, Any]]:
         """The info of every worker node with a presence now (nodename, hostname...)."""
         return [json.loads(v) for v in self.redis.hvals(self.liveness_keys.info)]
+
+    def sweeper_host(self) -> str | None:
+        """The host name of the node sweeping for the fleet now (its presence id's
+        ``node/host/pid/random``), or ``None`` while no node holds the sweeper lease."""
+        holder = self.redis.get(self.liveness_keys.sweeper)
+        return None if holder is None else str(holder).split("/")[1]
 
     def received(self, task_name: str, task_id: str) -> int:
         return sum(node.received(task_name, task_id) for node in self.nodes)

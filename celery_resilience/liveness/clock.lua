@@ -1,0 +1,28 @@
+-- The start of renew.lua, due.lua and gone.lua (keys.py puts it there): the server's
+-- clock, and the check that the server was serving nodes all along.
+-- KEYS of the caller: presence (sorted set: id -> deadline, ms) and clock (ms of the
+-- last call of any node or holder to one of these scripts).
+
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Record that the server serves liveness now (ttl: the caller's, ms). When no call came
+-- for longer than half a TTL (the server was stopped or unreachable, or nobody ran),
+-- nobody could renew meanwhile: every lease gets at least one TTL from now. Every node
+-- renews every ttl / 3 and the sweeper sweeps every second, so a serving server hears
+-- from them more often than that. Returns now (ms) and whether the server had been quiet.
+local function served(presence, clock, ttl)
+    local now = now_ms()
+    local last = tonumber(redis.call('GET', clock) or '')
+    redis.call('SET', clock, now)
+    if last and now - last <= ttl / 2 then
+        return now, false
+    end
+    local stale = redis.call('ZRANGEBYSCORE', presence, '-inf', '(' .. (now + ttl))
+    for i = 1, #stale do
+        redis.call('ZADD', presence, 'GT', now + ttl, stale[i])
+    end
+    return now, true
+end
