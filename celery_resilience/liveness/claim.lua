@@ -13,8 +13,7 @@ local ttl, batch = tonumber(ARGV[3]), tonumber(ARGV[4])
 if not ttl or ttl <= 0 or not batch or batch <= 0 then
     return redis.error_reply('ERR ttl and batch must be > 0')
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local deadline = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '')
 if not deadline or deadline >= now then return {0} end
 local recoverer = redis.call('GET', KEYS[5])

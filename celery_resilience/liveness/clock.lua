@@ -1,7 +1,7 @@
--- The start of renew.lua, due.lua and gone.lua (keys.py puts it there): the server's
--- clock, and the check that the server was serving nodes all along.
+-- The start of the scripts that judge presence (keys.py puts it there): the server's
+-- clock, the check that the server was serving nodes all along, and the sweeper lease.
 -- KEYS of the caller: presence (sorted set: id -> deadline, ms) and clock (ms of the
--- last call of any node or holder to one of these scripts).
+-- last renewal or sweep of any node or holder).
 
 local function now_ms()
     local t = redis.call('TIME')
@@ -25,4 +25,15 @@ local function served(presence, clock, ttl)
         redis.call('ZADD', presence, 'GT', now + ttl, stale[i])
     end
     return now, true
+end
+
+-- Take the sweeper lease (key lease) for id when it is free, or keep it when id holds
+-- it, for ttl ms. Returns whether id holds it now.
+local function sweeps(lease, id, ttl)
+    local holder = redis.call('GET', lease)
+    if holder and holder ~= id then
+        return false
+    end
+    redis.call('SET', lease, id, 'PX', ttl)
+    return true
 end

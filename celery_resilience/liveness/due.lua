@@ -11,11 +11,9 @@ local ttl, limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]
 if not ttl or ttl <= 0 or not limit or limit <= 0 or not lease or lease <= 0 then
     return redis.error_reply('ERR ttl, limit and lease must be > 0')
 end
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[3] then
+if not sweeps(KEYS[3], ARGV[3], lease) then
     return {0}
 end
-redis.call('SET', KEYS[3], ARGV[3], 'PX', lease)
 local now, quiet = served(KEYS[1], KEYS[2], ttl)
 if quiet then
     return {1}

@@ -32,7 +32,7 @@ from importlib import resources
 from typing import Any
 
 MAX_LOST = 100  # lost-node records kept
-ON_THE_CLOCK = frozenset({"renew", "due", "gone"})  # the scripts that start with clock.lua
+ON_THE_CLOCK = frozenset({"renew", "due", "gone", "claim"})  # the scripts after clock.lua
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,12 @@ class Node:
         )
         self.held = keys.held(self.id)
         self.sweeper = False
-        self.sweeper_lease = ttl / 3
         self._renewals = 0
+
+    @property
+    def sweeper_lease(self) -> float:
+        """Seconds the sweeper lease lasts after the sweeper's last renewal or sweep."""
+        return self.ttl / 3
 
     def renew(self, client: Any) -> None:
         """Renew the presence, and take or keep the sweeper lease (:attr:`sweeper`); warn

@@ -15,7 +15,5 @@ redis.call('SET', KEYS[3], ARGV[3], 'PX', ttl)
 if absent == 1 then
     redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
 end
-local holder = redis.call('GET', KEYS[5])
-if holder and holder ~= ARGV[1] then return {absent, 0} end
-redis.call('SET', KEYS[5], ARGV[1], 'PX', tonumber(ARGV[4]))
+if not sweeps(KEYS[5], ARGV[1], tonumber(ARGV[4])) then return {absent, 0} end
 return {absent, 1}
