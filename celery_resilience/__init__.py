@@ -10,7 +10,7 @@ from typing import Any
 
 from celery_resilience.attempt import Attempt, current_attempt
 from celery_resilience.backoff import Backoff
-from celery_resilience.deadletter import DeadLetter, MalformedEntry
+from celery_resilience.deadletter import DeadLetter, GiveUp, MalformedEntry
 from celery_resilience.decorator import resilient
 from celery_resilience.dlq import (
     DeadLetterQueue,
@@ -30,7 +30,6 @@ from celery_resilience.errors import (
     ResilienceError,
 )
 from celery_resilience.hookspecs import hookimpl
-from celery_resilience.outcome import GiveUp
 from celery_resilience.plugins import get_plugin_manager
 from celery_resilience.worker import install
 

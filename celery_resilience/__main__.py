@@ -1,5 +1,5 @@
 """``python -m celery_resilience``: the same as the ``celery-resilience`` command."""
 
-from celery_resilience.console import main
+from celery_resilience.demo.cli import main
 
 raise SystemExit(main())

@@ -24,13 +24,11 @@ from celery_resilience import headers
 from celery_resilience.attempt import Attempt, _current
 from celery_resilience.backends.base import Admission, AdmitResult
 from celery_resilience.backoff import Backoff
-from celery_resilience.deadletter import make_dead_letter
+from celery_resilience.deadletter import GiveUp, make_dead_letter
 from celery_resilience.errors import BackendUnavailable, CrashBudgetExceeded, LockContended
-from celery_resilience.leases import keeper
+from celery_resilience.leases import holder_is_dead, keeper, new_owner, presence_of
 from celery_resilience.locks import LockKey
 from celery_resilience.options import ResilientOptions
-from celery_resilience.outcome import GiveUp
-from celery_resilience.owners import holder_is_dead, new_owner, presence_of
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
 

@@ -14,8 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
-    from celery_resilience.deadletter import DeadLetter
-    from celery_resilience.outcome import GiveUp
+    from celery_resilience.deadletter import DeadLetter, GiveUp
     from celery_resilience.settings import Settings
 
 PROJECT = "celery_resilience"

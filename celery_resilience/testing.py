@@ -40,7 +40,7 @@ from celery_resilience.settings import load_settings
 if TYPE_CHECKING:
     import pytest
 
-    from celery_resilience.outcome import GiveUp
+    from celery_resilience.deadletter import GiveUp
 
 __all__ = [
     "CoordinationBackendContract",

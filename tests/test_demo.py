@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from celery_resilience.console import main
 from celery_resilience.demo import DemoError
 from celery_resilience.demo.app import PREFIX_ENV, REDIS_URL_ENV
+from celery_resilience.demo.cli import main
 from celery_resilience.demo.redis_mode import WorkerNode, _wait_ready
 
 DEMO_TIMEOUT_S = 120

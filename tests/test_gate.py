@@ -431,7 +431,7 @@ def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: Ho
     import subprocess
     import sys
 
-    code = "from celery_resilience.owners import new_owner; print(new_owner('n', 't'))"
+    code = "from celery_resilience.leases import new_owner; print(new_owner('n', 't'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     dead = done.stdout.strip()
     hold(app, "dead-task", dead, "d:1")
@@ -447,7 +447,7 @@ def test_lock_of_a_provably_dead_holder_is_freed_at_once(app: Celery, events: Ho
 
 def test_lock_of_a_live_holder_is_never_overtaken(app: Celery) -> None:
     """A holder whose process is alive keeps its lease: the task gives up contended."""
-    owner = __import__("celery_resilience.owners", fromlist=["new_owner"]).new_owner("n", "t")
+    owner = __import__("celery_resilience.leases", fromlist=["new_owner"]).new_owner("n", "t")
     hold(app, "live-task", owner, "l:1")
 
     @resilient(max_retries=0, lock="l:{x}", lock_timeout=0.05, backoff=FAST)
@@ -465,7 +465,7 @@ def test_redelivery_is_reported_when_the_dead_holder_was_itself(
     import subprocess
     import sys
 
-    code = "from celery_resilience.owners import new_owner; print(new_owner('n', 't'))"
+    code = "from celery_resilience.leases import new_owner; print(new_owner('n', 't'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     task_id = uuid.uuid4().hex
     hold(app, task_id, done.stdout.strip(), "r:1")

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from kombu import Consumer, Exchange, Producer, Queue
 
+from celery_resilience.leases import new_owner, presence_of
 from celery_resilience.liveness.holders import ProcessPresence
 from celery_resilience.liveness.recovery import Recovered, hand_back, recover
-from celery_resilience.owners import new_owner, presence_of
 from tests.support.broker import Broker, adopted_nodes
 
 pytestmark = pytest.mark.kombu

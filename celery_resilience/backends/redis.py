@@ -76,6 +76,12 @@ EVICTING = frozenset({
 """``maxmemory-policy`` values under which Redis deletes keys to make room."""
 
 
+def evicting(policy: str | bytes | None) -> str | None:
+    """``policy`` (a ``maxmemory-policy`` reply) if Redis deletes keys under it, else None."""
+    policy = policy.decode() if isinstance(policy, bytes) else policy
+    return policy if policy in EVICTING else None
+
+
 @dataclass(frozen=True)
 class Storage:
     """What the Redis at a URL does with its data: keeps it over a restart (AOF on, or
@@ -105,10 +111,9 @@ def storage(url: str, role: str) -> Storage:
         config: dict[Any, Any] = call(role, mask_url(url), "CONFIG GET", read)
     finally:
         client.close()
-    policy = config.get("maxmemory-policy")
     return Storage(
         persistent=config.get("appendonly") == "yes" or bool(config.get("save", "").strip()),
-        eviction_policy=policy if policy in EVICTING else None,
+        eviction_policy=evicting(config.get("maxmemory-policy")),
     )
 
 

@@ -20,10 +20,9 @@ from celery_resilience.backends.base import (
     score_of,
     to_score,
 )
-from celery_resilience.backends.redis import EVICTING, REDIS_SCHEMES, call, connect, lua
-from celery_resilience.deadletter import DeadLetter, MalformedEntry
+from celery_resilience.backends.redis import REDIS_SCHEMES, call, connect, evicting, lua
+from celery_resilience.deadletter import GIVE_UP_REASONS, DeadLetter, MalformedEntry
 from celery_resilience.hookspecs import hookimpl
-from celery_resilience.outcome import GIVE_UP_REASONS
 from celery_resilience.settings import Settings
 from celery_resilience.urls import mask_url
 
@@ -187,9 +186,7 @@ class RedisDeadLetterBackend:
 
     def eviction_policy(self) -> str | None:
         config = self._call("CONFIG GET", self._client.config_get, "maxmemory-policy")
-        policy = config.get("maxmemory-policy")
-        policy = policy.decode() if isinstance(policy, bytes) else policy
-        return policy if policy in EVICTING else None
+        return evicting(config.get("maxmemory-policy"))
 
     def ping(self) -> None:
         self._call("ping", self._client.ping)

@@ -1,7 +1,7 @@
 """``celery-resilience demo``: the library's promises, shown end to end in well under a minute.
 
-Run by :mod:`celery_resilience.console`; nothing here is imported by
-``import celery_resilience``. Two modes tell the same story:
+Run by :mod:`celery_resilience.demo.cli` (the ``celery-resilience`` command); nothing
+here is imported by ``import celery_resilience``. Two modes tell the same story:
 
 - no options: everything in this process (Celery's ``memory://`` broker, a worker on
   the threads pool in a thread, ``memory://`` coordination and DLQ backends), so it

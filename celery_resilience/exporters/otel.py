@@ -22,8 +22,7 @@ from celery_resilience.hookspecs import hookimpl
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Counter, Meter, MeterProvider, Observation
 
-    from celery_resilience.deadletter import DeadLetter
-    from celery_resilience.outcome import GiveUp
+    from celery_resilience.deadletter import DeadLetter, GiveUp
 
 INSTALL_HINT = "pip install 'celery-resilience[otel]'"
 METER_NAME = "celery_resilience"

@@ -20,8 +20,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter
     from prometheus_client.metrics_core import Metric
 
-    from celery_resilience.deadletter import DeadLetter
-    from celery_resilience.outcome import GiveUp
+    from celery_resilience.deadletter import DeadLetter, GiveUp
 
 INSTALL_HINT = "pip install 'celery-resilience[prometheus]'"
 

@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from celery_resilience.errors import ResilienceError
 from celery_resilience.exporters.prometheus import DeadLetterCollector, require_prometheus_client
-from celery_resilience.owners import process_exists
+from celery_resilience.leases import process_exists
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -21,7 +21,7 @@
 -- on what it reads: reads check the key's type first (a key of another type holds
 -- none of ours), and a write goes only to a key of the type it needs.
 
--- celery_resilience.outcome.GIVE_UP_REASONS (redis_dlq.py checks they agree)
+-- celery_resilience.deadletter.GIVE_UP_REASONS (redis_dlq.py checks they agree)
 local REASONS = {'max_retries', 'error', 'worker_lost', 'lock_contended'}
 
 local function kind(key) return redis.call('TYPE', key)['ok'] end

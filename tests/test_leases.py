@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from celery_resilience.owners import holder_is_dead, new_owner
+from celery_resilience.leases import holder_is_dead, new_owner
 
 MAKE_OWNER = (
-    "from celery_resilience.owners import new_owner; print(new_owner('n', 't'), flush=True)"
+    "from celery_resilience.leases import new_owner; print(new_owner('n', 't'), flush=True)"
 )
 
 
