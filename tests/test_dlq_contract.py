@@ -24,16 +24,8 @@ from celery_resilience.runtime import build_dlq_backend
 from celery_resilience.settings import load_settings
 
 # The suite's own (private) helpers serve the tests below that only some backends run.
-from celery_resilience.testing import (
-    _KEEP,
-    _NOW,
-    DeadLetterBackendContract,
-    _every_id,
-    _ids,
-    _letter,
-    _store,
-    dlq_backend_for,
-)
+from celery_resilience.testing import DeadLetterBackendContract, dlq_backend_for
+from celery_resilience.testing.dlq import _KEEP, _NOW, _every_id, _ids, _letter, _store
 
 Factory = Callable[..., DeadLetterBackend]
 
