@@ -18,11 +18,11 @@ from celery_resilience.testing import HookRecorder, eager_app, record_hooks
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def docs_example() -> str:
-    """The contract example of docs/plugins.md, as the page shows it."""
-    page = (ROOT / "docs" / "plugins.md").read_text()
-    block = re.search(r"<!-- contract-example[^>]*-->\n\n```python\n(.*?)```", page, re.S)
-    assert block is not None, "docs/plugins.md lost its contract example"
+def docs_example(page_name: str = "plugins.md", marker: str = "contract-example") -> str:
+    """The example block under ``<!-- marker ... -->`` of a docs page, as the page shows it."""
+    page = (ROOT / "docs" / page_name).read_text()
+    block = re.search(rf"<!-- {marker}[^>]*-->\n\n```python\n(.*?)```", page, re.S)
+    assert block is not None, f"docs/{page_name} lost its {marker}"
     return block.group(1)
 
 
@@ -40,6 +40,20 @@ def test_the_docs_contract_example_passes_against_the_memory_backend(tmp_path: P
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(r"\b61 passed\b", run.stdout), run.stdout
+
+
+def test_the_docs_hook_testing_example_passes(tmp_path: Path) -> None:
+    """The plugin-testing example of docs/hooks.md runs as shown and its test passes."""
+    (tmp_path / "test_my_plugin.py").write_text(docs_example("hooks.md", "hooks-example"))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_plugin.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"\b1 passed\b", run.stdout), run.stdout
 
 
 def test_the_recorder_and_the_demo_import_without_pytest() -> None:
