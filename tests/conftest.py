@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +11,7 @@ import pytest
 
 from celery_resilience.demo.celery_compat import work_around_celery_10477
 from tests.support.redis_server import RedisServer
-from tests.support.services import reachable_redis
-
-REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+from tests.support.services import REDIS_URL, reachable_redis
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,10 @@ from celery_resilience.demo import DemoError
 from celery_resilience.demo.app import PREFIX_ENV, REDIS_URL_ENV
 from celery_resilience.demo.cli import main
 from celery_resilience.demo.redis_mode import WorkerNode, _wait_ready
+from tests.support.workers import free_port
 
 DEMO_TIMEOUT_S = 120
 SCRIPT = Path(sys.executable).with_name("celery-resilience")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -44,7 +38,7 @@ def _report(done: subprocess.CompletedProcess[str]) -> str:
 
 def test_demo_with_no_services_passes_every_scenario_and_ignores_service_settings() -> None:
     """`celery-resilience demo` exits 0 with every scenario PASS, never using the env's URLs."""
-    dead = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens: any use would fail
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: any use would fail
     stray = {"CELERY_BROKER_URL": dead, "CELERY_RESILIENCE_URL": dead, "CELERY_LOADER": "no.Such"}
     done = _run("demo", env=stray)
     out = done.stdout
@@ -118,7 +112,7 @@ def test_redis_down_is_one_error_line_with_the_password_masked(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--redis at a port nothing listens on: exit 1, `error: cannot reach Redis`, no password."""
-    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/13"
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/13"
     monkeypatch.setenv("CELERY_RESILIENCE_MAX_RETRIES", "7")
     assert main(["demo", "--redis", url]) == 1
     assert os.environ["CELERY_RESILIENCE_MAX_RETRIES"] == "7"  # ignored, then put back

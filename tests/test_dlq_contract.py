@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-import sys
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,26 +24,9 @@ from celery_resilience.settings import load_settings
 # The suite's own (private) helpers serve the tests below that only some backends run.
 from celery_resilience.testing import DeadLetterBackendContract, dlq_backend_for
 from celery_resilience.testing.dlq import _KEEP, _NOW, _every_id, _ids, _letter, _store
+from tests.support.entry_points import entry_point
 
 Factory = Callable[..., DeadLetterBackend]
-
-
-@contextmanager
-def entry_point(tmp_path: Path, name: str, module: str) -> Iterator[None]:
-    """Install ``module`` as plugin ``name`` of the celery_resilience group, as pip would."""
-    dist = tmp_path / f"celery_resilience_{name}-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: celery-resilience-{name}\nVersion: 1.0\n"
-    )
-    (dist / "entry_points.txt").write_text(f"[celery_resilience]\n{name} = {module}\n")
-    sys.path.insert(0, str(tmp_path))
-    get_plugin_manager.cache_clear()
-    try:
-        yield
-    finally:
-        sys.path.remove(str(tmp_path))
-        get_plugin_manager.cache_clear()
 
 
 def test_sqlite_backend_is_loaded_through_its_entry_point(tmp_path: Path) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import pluggy
@@ -21,24 +20,7 @@ from celery_resilience import (
     resilient,
 )
 from celery_resilience.runtime import runtime
-
-
-@contextmanager
-def entry_point(tmp_path: Path, name: str, module: str) -> Iterator[None]:
-    """Install ``module`` as plugin ``name`` of the celery_resilience group, as pip would."""
-    dist = tmp_path / f"celery_resilience_{name}-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: celery-resilience-{name}\nVersion: 1.0\n"
-    )
-    (dist / "entry_points.txt").write_text(f"[celery_resilience]\n{name} = {module}\n")
-    sys.path.insert(0, str(tmp_path))
-    get_plugin_manager.cache_clear()
-    try:
-        yield
-    finally:
-        sys.path.remove(str(tmp_path))
-        get_plugin_manager.cache_clear()
+from tests.support.entry_points import entry_point
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from celery import Celery, signals
 from celery_resilience import Backoff, current_attempt, resilient
 from tests.support.apps import ProcessRedis, worker_settings
 from tests.support.recording import record_events_in_workers
+from tests.support.services import REDIS_URL as _DEFAULT_REDIS
 from tests.support.workers import redis_broker_options
 
 # Environment variables the workers are configured with.
@@ -51,7 +52,6 @@ SETTINGS = "CHAOS_SETTINGS"  # optional: a JSON object of Celery settings, appli
 LOCK_TTL_S = "CHAOS_LOCK_TTL"  # optional: the lock leases' TTL, seconds (default LOCK_TTL)
 GATE = "CHAOS_GATE"  # optional: a Redis list the worker waits on before it consumes
 
-_DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "chaos:unconfigured"
 
 # Leases outlive the longest short body many times over; a killed holder on this

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 import uuid
@@ -31,13 +30,12 @@ from celery.result import AsyncResult
 from celery_resilience import DeadLetter, DeadLetterQueue, liveness
 from celery_resilience.settings import load_settings
 from tests.support import services, workers
+from tests.support.services import REDIS_URL
 from tests.support.workers import WorkerNode
 
 from . import app as chaos_app
 
 T = TypeVar("T")
-
-REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 # Bounds, not expectations (the machine may be shared and slow).
 READY_TIMEOUT_S = 60.0

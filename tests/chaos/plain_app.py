@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery
 
 from tests.support.apps import ProcessRedis
+from tests.support.services import REDIS_URL as TEST_REDIS_URL
 
 # The environment of a chaos cluster's workers (tests.chaos.app's names; importing that
 # module would import celery_resilience).
@@ -31,7 +32,7 @@ HELD_MAX_S = 120.0
 def create_app(env: Mapping[str, str]) -> Celery:
     """The plain app of the cluster configured by ``env`` (a worker passes ``os.environ``)."""
     prefix = env.get(PREFIX, "chaos:unconfigured")
-    url = env.get(REDIS_URL, "redis://127.0.0.1:6379/15")
+    url = env.get(REDIS_URL, TEST_REDIS_URL)
     client = ProcessRedis(url, socket_timeout=HELD_MAX_S + 30)
 
     app = Celery("celery_resilience_chaos_plain", set_as_current=False)

@@ -12,6 +12,8 @@ import os
 
 from celery import Celery
 
+from tests.support.services import REDIS_URL as TEST_REDIS_URL
+
 BROKER_URL = "CR_CLI_BROKER_URL"
 RESILIENCE_URL = "CR_CLI_RESILIENCE_URL"
 KEY_PREFIX = "CR_CLI_KEY_PREFIX"
@@ -21,10 +23,10 @@ _prefix = os.environ.get(KEY_PREFIX, "crtest:cli-unconfigured")
 
 app = Celery("cli_support", set_as_current=False)
 app.conf.update(
-    broker_url=os.environ.get(BROKER_URL, "redis://127.0.0.1:6379/15"),
+    broker_url=os.environ.get(BROKER_URL, TEST_REDIS_URL),
     broker_transport_options={"global_keyprefix": f"{_prefix}:broker:"},
     broker_connection_retry_on_startup=False,
-    resilience_url=os.environ.get(RESILIENCE_URL, "redis://127.0.0.1:6379/15"),
+    resilience_url=os.environ.get(RESILIENCE_URL, TEST_REDIS_URL),
     resilience_key_prefix=_prefix,
     resilience_dlq_mask_args=os.environ.get(MASK_ARGS, ""),
 )

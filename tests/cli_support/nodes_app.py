@@ -14,6 +14,8 @@ from typing import Any
 
 from celery import Celery
 
+from tests.support.services import REDIS_URL as TEST_REDIS_URL
+
 BROKER_URL = "CR_NODES_BROKER_URL"
 KEY_PREFIX = "CR_NODES_KEY_PREFIX"
 NODE_TTL = "CR_NODES_NODE_TTL"
@@ -32,7 +34,7 @@ def settings(broker_url: str, prefix: str, node_ttl: float) -> dict[str, Any]:
 app = Celery("nodes_support", set_as_current=False)
 app.conf.update(
     settings(
-        os.environ.get(BROKER_URL, "redis://127.0.0.1:6379/15"),
+        os.environ.get(BROKER_URL, TEST_REDIS_URL),
         os.environ.get(KEY_PREFIX, "crtest:nodes-unconfigured"),
         float(os.environ.get(NODE_TTL, "6")),
     )

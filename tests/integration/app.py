@@ -25,6 +25,7 @@ from kombu.utils import json as kombu_json
 from celery_resilience import Backoff, current_attempt, resilient
 from tests.support.apps import ProcessRedis, worker_settings
 from tests.support.recording import record_events_in_workers
+from tests.support.services import REDIS_URL as _DEFAULT_REDIS
 from tests.support.workers import redis_broker_options
 
 # Environment variables the workers are configured with.
@@ -38,7 +39,6 @@ PREFIX = "CRT_PREFIX"
 VISIBILITY_TIMEOUT = "CRT_VISIBILITY_TIMEOUT"  # optional: the Redis broker's, in seconds
 SETTINGS = "CRT_SETTINGS"  # optional: a JSON object of Celery settings, applied last
 
-_DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 
 # How long a body that waits for the test's go-ahead waits at most (a bound, so a
 # failed test cannot leave a child blocked for ever).

@@ -7,7 +7,6 @@ them locally, and fail them when ``CI=true``.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 
@@ -15,11 +14,9 @@ import pytest
 
 from tests.support import services
 from tests.support.redis_server import RedisServer
+from tests.support.services import AMQP_URL, REDIS_URL
 
 from .harness import Cluster
-
-REDIS_URL = os.environ.get("CELERY_RESILIENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-AMQP_URL = os.environ.get("CELERY_RESILIENCE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def unavailable(message: str) -> None:

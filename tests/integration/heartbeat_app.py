@@ -19,6 +19,7 @@ from celery import Celery, signals
 
 from celery_resilience import resilient
 from tests.support.apps import ProcessRedis, worker_settings
+from tests.support.services import REDIS_URL as _DEFAULT_REDIS
 from tests.support.workers import redis_broker_options
 
 # Environment variables the workers are configured with.
@@ -31,7 +32,6 @@ FAST_SWEEP = "HB_FAST_SWEEP"  # "1": kombu's own restore sweep every second (kom
 NODE_TTL = "HB_NODE_TTL"  # resilience_node_ttl, seconds
 REMOTE_CONTROL = "HB_REMOTE_CONTROL"  # "1": Celery's default, a remote-control channel too
 
-_DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "hbtest:unconfigured"
 
 

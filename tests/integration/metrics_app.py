@@ -18,6 +18,7 @@ from celery import Celery
 from celery_resilience import Backoff, resilient
 from celery_resilience.worker import MetricsBootstep
 from tests.support.apps import ProcessRedis, worker_settings
+from tests.support.services import REDIS_URL as _DEFAULT_REDIS
 
 # Environment variables the workers are configured with.
 PREFIX = "MT_PREFIX"
@@ -26,7 +27,6 @@ QUEUE = "MT_QUEUE"
 PORT = "MT_PROMETHEUS_PORT"
 MAX_TASKS_PER_CHILD = "MT_MAX_TASKS_PER_CHILD"  # optional
 
-_DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 _UNCONFIGURED = "mttest:unconfigured"
 
 # Long enough that a second task goes to the other child while one runs.

@@ -8,7 +8,6 @@ requires (key identifiers, basic constraints, key usage).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+
+from tests.support.workers import free_port
 
 _SERVER_EXTENSIONS = """\
 basicConstraints = critical, CA:FALSE
@@ -96,12 +97,6 @@ def make_certificates(directory: Path) -> Certificates:
     return Certificates(directory / "ca.crt", directory / "server.crt", directory / "server.key")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
@@ -145,7 +140,7 @@ def tls_redis_server(directory: Path, *, attempts: int = 3) -> Iterator[TlsRedis
         raise FileNotFoundError("redis-server and openssl are needed for the TLS tests")
     certificates = make_certificates(directory)
     for attempt in range(attempts):
-        server = TlsRedis(_free_port(), certificates, directory / f"redis-{attempt}.log")
+        server = TlsRedis(free_port(), certificates, directory / f"redis-{attempt}.log")
         command = [
             binary,
             "--bind", "127.0.0.1",
