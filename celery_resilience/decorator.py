@@ -12,6 +12,7 @@ from celery.app.annotations import resolve_all as resolve_all_annotations
 from celery.local import PromiseProxy, Proxy
 
 from celery_resilience.backoff import Backoff
+from celery_resilience.dedup import deduplicating
 from celery_resilience.errors import ConfigurationError
 from celery_resilience.gate import Gate
 from celery_resilience.headers import stamping
@@ -38,6 +39,10 @@ def resilient(
     retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
     backoff: Backoff | None = None,
     max_crashes: int | None = None,
+    dedup: LockSpec | None = None,
+    dedup_until: str = "start",
+    dedup_ttl: float | None = None,
+    on_duplicate: str = "return",
 ) -> Callable[[T], T]: ...
 
 
@@ -52,6 +57,10 @@ def resilient(
     retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
     backoff: Backoff | None = None,
     max_crashes: int | None = None,
+    dedup: LockSpec | None = None,
+    dedup_until: str = "start",
+    dedup_ttl: float | None = None,
+    on_duplicate: str = "return",
 ) -> Any:
     """Make a Celery task resilient. Put it directly above ``@app.task``/``@shared_task``.
 
@@ -70,6 +79,15 @@ def resilient(
     :param backoff: delays between retries; default ``Backoff()``.
     :param max_crashes: lost deliveries of one attempt before it is not run again;
         default ``resilience_max_crashes`` (3).
+    :param dedup: a template or callable like ``lock``: while a task of the same
+        rendered key is pending, a call publishes nothing (see ``dedup_until``) and
+        returns that task's ``AsyncResult``.
+    :param dedup_until: ``"start"`` (the key is free once the pending task starts
+        running) or ``"finish"`` (free once it is done: succeeded, gave up, discarded).
+    :param dedup_ttl: seconds after which a key expires even if never released;
+        default ``resilience_dedup_ttl`` (3600).
+    :param on_duplicate: ``"return"`` the pending task's ``AsyncResult``, or
+        ``"raise"`` ``celery_resilience.DuplicateTask``.
 
     Returns the task itself, so ``.delay()``, ``.apply_async()`` and ``.s()`` work
     unchanged. Raises ``TypeError`` when given a plain function and
@@ -86,6 +104,10 @@ def resilient(
         retry_on=retry_on if isinstance(retry_on, tuple) else (retry_on,),
         backoff=backoff if backoff is not None else Backoff(),
         max_crashes=max_crashes,
+        dedup=dedup,
+        dedup_until=dedup_until,
+        dedup_ttl=dedup_ttl,
+        on_duplicate=on_duplicate,
     )
 
     def decorate(obj: Any) -> Any:
@@ -162,6 +184,8 @@ def _attach_shared(proxy: Any, options: ResilientOptions) -> None:
 def _check_lock(options: ResilientOptions, fun: Callable[..., Any], task_name: str) -> None:
     if isinstance(options.lock, str):
         check_template(options.lock, fun, task_name)
+    if isinstance(options.dedup, str):
+        check_template(options.dedup, fun, task_name, "dedup")
 
 
 def _shared_task_options(fun: Callable[..., Any]) -> dict[str, Any]:
@@ -250,6 +274,8 @@ def make_resilient(task: Any, options: ResilientOptions) -> None:
     cls.run = staticmethod(gate)
     if not getattr(cls.apply_async, "__resilience_stamping__", False):
         cls.apply_async = stamping(cls.apply_async)
+    if gate.dedup is not None:
+        cls.apply_async = deduplicating(cls.apply_async, gate.dedup)
     cls.after_return = _after_return(gate, cls.after_return)
     cls.__resilience__ = options
     install(task.app, validate=False)

@@ -39,3 +39,16 @@ class CrashBudgetExceeded(ResilienceError):
 
 class NoCurrentAttempt(ResilienceError, LookupError):
     """``celery_resilience.current_attempt()`` was called outside a resilient task body."""
+
+
+class DuplicateTask(ResilienceError):
+    """A call was not published: a task with the same dedup key is pending.
+
+    ``task_id`` is the id of that task (``AsyncResult(task_id)`` follows its run) and
+    ``dedup_key`` the rendered key. Raised only with ``on_duplicate="raise"``.
+    """
+
+    def __init__(self, message: str, task_id: str, dedup_key: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.dedup_key = dedup_key

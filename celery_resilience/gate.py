@@ -11,6 +11,7 @@ waiting spends neither retries nor the crash budget.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -25,6 +26,7 @@ from celery_resilience.attempt import Attempt, _current
 from celery_resilience.backends.base import Admission, AdmitResult
 from celery_resilience.backoff import Backoff
 from celery_resilience.deadletter import GiveUp, make_dead_letter
+from celery_resilience.dedup import Dedup
 from celery_resilience.errors import BackendUnavailable, CrashBudgetExceeded, LockContended
 from celery_resilience.leases import holder_is_dead, keeper, new_owner, presence_of
 from celery_resilience.locks import LockKey
@@ -76,6 +78,7 @@ class Delivery:
         self.lock_timeout = self.options.lock_timeout or settings.lock_timeout
         self.owner = new_owner(request.hostname or "", self.task_id)
         self.lock_key: str | None = None
+        self.dedup_key: str | None = None
         self.deliveries = 0
         self.replays = int(headers.read(request, headers.REPLAYS) or 0)
         first = headers.read(request, headers.FIRST_FAILURE)
@@ -111,6 +114,9 @@ class Delivery:
             return self.run_deliveries()
 
     def run_deliveries(self) -> Any:
+        if self.gate.dedup is not None:
+            with contextlib.suppress(Exception):  # it would not have been published under one
+                self.dedup_key = self.gate.dedup.key_of(self.args, self.kwargs)
         if self.gate.lock is not None:
             try:
                 self.lock_key = self.gate.lock.render(self.args, self.kwargs)
@@ -136,8 +142,10 @@ class Delivery:
                 "resilience_redelivery_seen", attempt=self.attempt, deliveries=self.deliveries
             )
         if admitted.admission is Admission.ADMITTED:
+            self.free_dedup_key("start")
             return self.run_body(admitted)
         if admitted.admission is Admission.DUPLICATE:
+            self.free_dedup_key("finish")
             self.emit("resilience_duplicate_suppressed")
             raise Ignore()
         if admitted.admission is Admission.CRASH_BUDGET_SPENT:
@@ -275,8 +283,10 @@ class Delivery:
             self.finish(succeeded=False)
             self.emit_retry("requested", _countdown(retry))
             raise
-        except (Ignore, Reject):
+        except (Ignore, Reject) as ended:
             self.finish(succeeded=False)
+            if not getattr(ended, "requeue", False):
+                self.free_dedup_key("finish")
             raise
         except Exception as exc:
             self.finish(succeeded=False)
@@ -316,6 +326,18 @@ class Delivery:
                 self.task_id,
                 exc,
             )
+
+    def free_dedup_key(self, until: str) -> None:
+        """Free this task's dedup key at the moment ``dedup_until=until`` names.
+
+        ``"finish"`` also covers a ``"start"`` key the task still holds (its release
+        at the start failed): a task that is done never keeps its key.
+        """
+        dedup = self.gate.dedup
+        if dedup is None or self.dedup_key is None:
+            return
+        if until == "finish" or dedup.until == until:
+            dedup.release(self.rt, self.dedup_key, self.task_id)
 
     # -- outcomes --------------------------------------------------------
 
@@ -413,6 +435,7 @@ class Delivery:
         )
         if self.options.dlq:
             self.store_dead_letter(outcome)
+        self.free_dedup_key("finish")
         notify(self.rt.plugins, "resilience_task_gave_up", outcome=outcome)
         raise exc
 
@@ -493,6 +516,15 @@ class Gate:
         self.lock: LockKey | None = None
         if options.lock is not None:
             self.lock = LockKey(options.lock, inspect.signature(body))
+        self.dedup: Dedup | None = None
+        if options.dedup is not None:
+            self.dedup = Dedup(
+                options.dedup,
+                inspect.signature(body),
+                until=options.dedup_until,
+                ttl=options.dedup_ttl,
+                on_duplicate=options.on_duplicate,
+            )
         self.__wrapped__ = body
         self._open: dict[str, Delivery] = {}
 
@@ -509,6 +541,8 @@ class Gate:
         delivery = self._open.pop(task_id, None)
         if delivery is not None:
             delivery.finish(succeeded=status == states.SUCCESS)
+            if status == states.SUCCESS:
+                delivery.free_dedup_key("finish")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         task = self.task

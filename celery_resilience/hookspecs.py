@@ -122,6 +122,16 @@ def resilience_duplicate_suppressed(task_name: str, task_id: str) -> None:
 
 
 @hookspec
+def resilience_call_deduplicated(task_name: str, task_id: str, dedup_key: str) -> None:
+    """A call of a task with ``dedup=`` published nothing: a task of its key is pending.
+
+    Called in the process that made the call (a web process, say), once per such
+    call. ``task_id`` is the pending task the call was collapsed into, ``dedup_key``
+    the rendered key.
+    """
+
+
+@hookspec
 def resilience_task_gave_up(outcome: GiveUp) -> None:
     """A resilient task gave up and will not run again; its state becomes FAILURE.
 

@@ -16,6 +16,12 @@ def options_of(task: Any) -> ResilientOptions | None:
     return options if isinstance(options, ResilientOptions) else None
 
 
+DEDUP_UNTIL = ("start", "finish")
+"""When a dedup key is released: when its task starts running, or when it is done."""
+ON_DUPLICATE = ("return", "raise")
+"""What a deduplicated call does: return the pending task's result, or raise ``DuplicateTask``."""
+
+
 @dataclass(frozen=True)
 class ResilientOptions:
     """What ``@resilient(...)`` was given. ``None`` means "use the app's setting"."""
@@ -28,15 +34,19 @@ class ResilientOptions:
     retry_on: tuple[type[BaseException], ...] = ()
     backoff: Backoff = field(default_factory=Backoff)
     max_crashes: int | None = None
+    dedup: LockSpec | None = None
+    dedup_until: str = "start"
+    dedup_ttl: float | None = None
+    on_duplicate: str = "return"
 
     def __post_init__(self) -> None:
         _check_int("max_retries", self.max_retries, 0)
         _check_int("max_crashes", self.max_crashes, 1)
-        if self.lock is not None and not (isinstance(self.lock, str) or callable(self.lock)):
-            raise ConfigurationError(
-                f"@resilient lock={self.lock!r}: expected a template string such as "
-                "'upload:{repoid}' or a callable (args, kwargs) -> str"
-            )
+        _check_key("lock", self.lock, "'upload:{repoid}'")
+        _check_key("dedup", self.dedup, "'sync:{repoid}'")
+        _check_choice("dedup_until", self.dedup_until, DEDUP_UNTIL)
+        _check_seconds("dedup_ttl", self.dedup_ttl)
+        _check_choice("on_duplicate", self.on_duplicate, ON_DUPLICATE)
         _check_seconds("lock_ttl", self.lock_ttl)
         _check_seconds("lock_timeout", self.lock_timeout)
         if not isinstance(self.dlq, bool):
@@ -63,3 +73,17 @@ def _check_seconds(name: str, value: object) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigurationError(f"@resilient {name}={value!r}: expected seconds > 0")
+
+
+def _check_key(name: str, value: object, example: str) -> None:
+    if value is not None and not (isinstance(value, str) or callable(value)):
+        raise ConfigurationError(
+            f"@resilient {name}={value!r}: expected a template string such as "
+            f"{example} or a callable (args, kwargs) -> str"
+        )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        expected = " or ".join(repr(c) for c in choices)
+        raise ConfigurationError(f"@resilient {name}={value!r}: expected {expected}")

@@ -26,6 +26,7 @@ class Settings:
     lock_ttl: float = 30.0
     lock_timeout: float = 3600.0
     completion_ttl: float = 3600.0
+    dedup_ttl: float = 3600.0
     node_ttl: float = 6.0
     dlq_retention: float = 7 * 86400.0
     dlq_max_entries: int = 10_000
@@ -124,6 +125,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "lock_ttl": _as_seconds,
     "lock_timeout": _as_seconds,
     "completion_ttl": _as_seconds,
+    "dedup_ttl": _as_seconds,
     "node_ttl": _as_node_ttl,
     "dlq_retention": _as_seconds,
     "dlq_max_entries": _as_int(1),

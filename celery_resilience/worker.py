@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
+from celery_resilience import dedup
 from celery_resilience.doctor import storage_findings
 from celery_resilience.errors import ResilienceError
 from celery_resilience.heartbeat import VisibilityHeartbeat
@@ -42,6 +43,8 @@ def install(app: Any, *, validate: bool = True) -> None:
         app.steps["worker"].add(MetricsBootstep)
         app.steps["consumer"].add(VisibilityHeartbeat)
         app._celery_resilience_installed = True
+        # A worker that discards a revoked or expired task frees its dedup key.
+        signals.task_revoked.connect(dedup.revoked, weak=False, dispatch_uid=dedup.__name__)
     if validate:
         runtime(app)
 

@@ -203,6 +203,28 @@ def test_resilience_duplicate_suppressed_when_a_succeeded_task_id_comes_again(
     assert observer.of("duplicate_suppressed") == [{"task_name": once.name, "task_id": task_id}]
 
 
+def test_resilience_call_deduplicated_when_a_queued_task_holds_the_key(
+    app: Celery, observer: HookRecorder
+) -> None:
+    """A call made while a task of its dedup key is queued publishes nothing, is reported
+    once, and returns the queued task's result."""
+
+    @resilient(dedup="sync:{repoid}")
+    @app.task(shared=False)
+    def sync(repoid: int) -> int:
+        return repoid
+
+    app.conf.task_always_eager = False  # published to the memory broker, nobody runs it
+    queued = sync.delay(7)
+    again = sync.delay(repoid=7)
+    other = sync.delay(8)
+    assert again.id == queued.id
+    assert other.id != queued.id
+    assert observer.of("call_deduplicated") == [
+        {"task_name": sync.name, "task_id": queued.id, "dedup_key": "sync:7"}
+    ]
+
+
 def test_resilience_task_gave_up_carries_the_outcome(app: Celery, observer: HookRecorder) -> None:
     """Retries spent: one give-up with reason, arguments, attempts and the exception."""
 

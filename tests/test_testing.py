@@ -39,7 +39,7 @@ def test_the_docs_contract_example_passes_against_the_memory_backend(tmp_path: P
         timeout=240,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(r"\b61 passed\b", run.stdout), run.stdout
+    assert re.search(r"\b67 passed\b", run.stdout), run.stdout
 
 
 def test_the_docs_hook_testing_example_passes(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_the_recorder_implements_every_observer_hook() -> None:
         and not getattr(getattr(hookspecs, name), "celery_resilience_spec", {}).get("firstresult")
     }
     recorded = {name for name in dir(HookRecorder) if name.startswith("resilience_")}
-    assert len(observers) == 11
+    assert len(observers) == 12
     assert recorded == observers
 
 

@@ -152,6 +152,27 @@ class CoordinationBackend(Protocol):
         ``lock_key``) right now."""
         ...
 
+    def dedup_claim(
+        self, key: str, task_id: str, *, ttl: float, stale: str | None = None
+    ) -> str | None:
+        """Take the dedup key ``key`` for ``task_id`` for ``ttl`` seconds, atomically,
+        unless another task holds it.
+
+        The key is taken when it is free, already ``task_id``'s (its TTL is then set
+        afresh), or held by ``stale`` (a holder the caller found done). Returns None
+        when ``task_id`` holds the key after the call; otherwise the holding task's
+        id, and nothing changes. Dedup keys are a namespace of their own: ``key``
+        never meets a lock key of the same text.
+        """
+        ...
+
+    def dedup_release(self, key: str, task_id: str) -> bool:
+        """Free the dedup key ``key`` if ``task_id`` holds it (compare-and-delete).
+
+        Returns True if this call freed it, False if it was free or another task's.
+        """
+        ...
+
     def ping(self) -> None:
         """Check that the store answers; raise ``BackendUnavailable`` if not."""
         ...

@@ -204,6 +204,26 @@ class MemoryCoordinationBackend:
             now = time.monotonic()
             return all(store.get(key, now) == owner for key in self._leases(task_id, lock_key))
 
+    def dedup_claim(
+        self, key: str, task_id: str, *, ttl: float, stale: str | None = None
+    ) -> str | None:
+        store, name = self._store, f"{self._prefix}:dedup:{key}"
+        with store.lock:
+            now = time.monotonic()
+            holder = store.get(name, now)
+            if holder is not None and holder not in (task_id, stale):
+                return str(holder)
+            store.set(name, task_id, ttl, now)
+            return None
+
+    def dedup_release(self, key: str, task_id: str) -> bool:
+        store, name = self._store, f"{self._prefix}:dedup:{key}"
+        with store.lock:
+            if store.get(name, time.monotonic()) != task_id:
+                return False
+            del store.data[name]
+            return True
+
     def ping(self) -> None:
         """The in-process store always answers."""
 

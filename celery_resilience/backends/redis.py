@@ -138,6 +138,7 @@ class RedisCoordinationBackend:
         self._finish = self._client.register_script(lua("finish"))
         self._renew = self._client.register_script(lua("renew"))
         self._release = self._client.register_script(lua("release"))
+        self._claim = self._client.register_script(lua("dedup_claim"))
 
     def _keys(self, task_id: str, lock_key: str | None) -> list[str]:
         p = self._prefix
@@ -215,6 +216,17 @@ class RedisCoordinationBackend:
 
         values = self._call("holds", read, keys, [])
         return all(value is not None and value.decode() == owner for value in values)
+
+    def dedup_claim(
+        self, key: str, task_id: str, *, ttl: float, stale: str | None = None
+    ) -> str | None:
+        keys = [f"{self._prefix}:dedup:{key}"]
+        holder = self._call("dedup claim", self._claim, keys, [task_id, _ms(ttl), stale or ""])
+        return holder.decode() if holder else None
+
+    def dedup_release(self, key: str, task_id: str) -> bool:
+        keys = [f"{self._prefix}:dedup:{key}"]
+        return bool(self._call("dedup release", self._release, keys, [task_id]))
 
     def ping(self) -> None:
         self._call("ping", lambda keys, args: self._client.ping(), [], [])

@@ -70,6 +70,11 @@ METRICS: dict[str, MetricSpec] = {
             "Deliveries of an already succeeded task id acked without running.",
         ),
         MetricSpec(
+            "celery_resilience_deduplicated_total",
+            "celery_resilience.deduplicated", "counter", ("task",), "{call}",
+            "Calls that published nothing: a task of their dedup key was pending.",
+        ),
+        MetricSpec(
             "celery_resilience_dlq_replays_total", "celery_resilience.dlq.replays", "counter",
             ("task",), "{entry}", "Dead letters published again.",
         ),

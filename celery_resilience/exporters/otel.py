@@ -156,6 +156,11 @@ class OtelExporter:
             i.add("duplicates_suppressed", task_name)
 
     @hookimpl
+    def resilience_call_deduplicated(self, task_name: str) -> None:
+        if (i := self.instruments()) is not None:
+            i.add("deduplicated", task_name)
+
+    @hookimpl
     def resilience_node_lost(self, recovered: dict[str, int]) -> None:
         if (i := self.instruments()) is None:
             return

@@ -104,6 +104,11 @@ class PrometheusExporter:
             m.inc("duplicates_suppressed", task_name)
 
     @hookimpl
+    def resilience_call_deduplicated(self, task_name: str) -> None:
+        if (m := self.metrics()) is not None:
+            m.inc("deduplicated", task_name)
+
+    @hookimpl
     def resilience_node_lost(self, recovered: dict[str, int]) -> None:
         if (m := self.metrics()) is not None:
             m.inc("nodes_lost")

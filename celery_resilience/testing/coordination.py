@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -625,3 +627,73 @@ class CoordinationBackendContract(_Contract):
         assert backend.holds(_new_id(), None, "a") is False
         _finish(backend, tid, owner="a", lock_key=key)
         assert backend.holds(tid, key, "a") is False
+
+    # --- dedup keys -----------------------------------------------------------------------
+
+    def test_dedup_key_is_taken_once_and_names_its_holder(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """The first claim takes a free key; another task's claim gets the holder's id and
+        changes nothing; the holder's own claim again keeps it."""
+        key, first, second = _new_key(), _new_id(), _new_id()
+        assert backend.dedup_claim(key, first, ttl=60) is None
+        assert backend.dedup_claim(key, second, ttl=60) == first
+        assert backend.dedup_claim(key, first, ttl=60) is None
+        assert backend.dedup_claim(key, second, ttl=60) == first
+
+    def test_dedup_release_is_the_holders_only(self, backend: CoordinationBackend) -> None:
+        """Only the holding task frees a key; once freed, the next claim takes it."""
+        key, first, second = _new_key(), _new_id(), _new_id()
+        backend.dedup_claim(key, first, ttl=60)
+        assert backend.dedup_release(key, second) is False
+        assert backend.dedup_claim(key, second, ttl=60) == first
+        assert backend.dedup_release(key, first) is True
+        assert backend.dedup_release(key, first) is False
+        assert backend.dedup_claim(key, second, ttl=60) is None
+
+    def test_dedup_claim_takes_over_only_the_holder_found_done(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """``stale`` names the holder the caller found done: that one is replaced, another
+        holder (the key changed hands meanwhile) is not."""
+        key, done, live, new = _new_key(), _new_id(), _new_id(), _new_id()
+        backend.dedup_claim(key, done, ttl=60)
+        assert backend.dedup_claim(key, new, ttl=60, stale=done) is None
+        assert backend.dedup_claim(key, live, ttl=60) == new
+        assert backend.dedup_claim(key, live, ttl=60, stale=done) == new
+
+    def test_dedup_key_expires_after_its_ttl(self, backend: CoordinationBackend) -> None:
+        """A key never released is free once its TTL has passed."""
+        key, first, second = _new_key(), _new_id(), _new_id()
+        backend.dedup_claim(key, first, ttl=_SHORT_LEASE)
+        assert backend.dedup_claim(key, second, ttl=60) == first
+        _wait_out_leases()
+        assert backend.dedup_claim(key, second, ttl=60) is None
+
+    def test_dedup_keys_are_apart_from_locks_and_prefixes(
+        self, backend_factory: Callable[..., CoordinationBackend]
+    ) -> None:
+        """A dedup key does not hold the lock of the same text, nor the key of another prefix."""
+        a, b = (backend_factory(key_prefix=f"dedup-{ns}") for ns in "ab")
+        key = _new_key()
+        assert a.dedup_claim(key, "t1", ttl=60) is None
+        assert _admit(a, _new_id(), lock_key=key).admission is Admission.ADMITTED
+        assert b.dedup_claim(key, "t2", ttl=60) is None
+        a.close()
+        b.close()
+
+    def test_racing_dedup_claims_take_one_holder(self, backend: CoordinationBackend) -> None:
+        """Of 8 threads claiming one free key at once, exactly one takes it, and the others
+        all name it."""
+        key, ids = _new_key(), [_new_id() for _ in range(8)]
+        barrier = threading.Barrier(len(ids))
+
+        def claim(task_id: str) -> str | None:
+            barrier.wait()
+            return backend.dedup_claim(key, task_id, ttl=60)
+
+        with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+            holders = list(pool.map(claim, ids))
+        winners = [tid for tid, holder in zip(ids, holders, strict=True) if holder is None]
+        assert len(winners) == 1
+        assert holders.count(winners[0]) == len(ids) - 1

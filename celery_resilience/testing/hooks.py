@@ -78,6 +78,10 @@ class HookRecorder:
         self._record("duplicate_suppressed", locals())
 
     @hookimpl
+    def resilience_call_deduplicated(self, task_name: str, task_id: str, dedup_key: str) -> None:
+        self._record("call_deduplicated", locals())
+
+    @hookimpl
     def resilience_node_lost(self, node: str, nodename: str, recovered: dict[str, int]) -> None:
         self._record("node_lost", locals())
 

@@ -1,0 +1,170 @@
+"""Deduplication at publish time: a call whose dedup key a pending task holds publishes nothing.
+
+The key lives in the coordination backend and names the task id that holds it.
+``Dedup.apply_async`` takes it (one atomic step) before publishing; the gate frees
+it when the task starts (``dedup_until="start"``) or is done (``"finish"``), and a
+worker that discards the task as revoked or expired frees it too. A key whose holder
+already has a ready result does not block: the call takes it over. ``dedup_ttl`` is
+the backstop for a holder nobody will run (a purged queue).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from celery import states
+from celery.backends.base import DisabledBackend
+
+from celery_resilience import headers
+from celery_resilience.errors import BackendUnavailable, DuplicateTask
+from celery_resilience.locks import LockKey, LockSpec
+from celery_resilience.plugins import notify
+from celery_resilience.runtime import Runtime, runtime
+
+logger = logging.getLogger(__name__)
+
+# Task.apply_async's positional parameters after ``self`` (Celery 5.3-5.7).
+_POSITIONAL = ("args", "kwargs", "task_id", "producer", "link", "link_error", "shadow")
+
+# Options Celery's canvas passes when a call is a step of a chain, a member of a
+# group or chord, or has callbacks: its task id is fixed and awaited, so it is
+# never collapsed into another task (the canvas would wait forever).
+_CANVAS = ("chain", "chord", "group_id", "link", "link_error")
+
+
+class Dedup:
+    """The ``dedup=`` of one task: renders its key and decides each publish."""
+
+    def __init__(
+        self,
+        spec: LockSpec,
+        signature: inspect.Signature,
+        *,
+        until: str,
+        ttl: float | None,
+        on_duplicate: str,
+    ) -> None:
+        self.key = LockKey(spec, signature, "dedup")
+        self.until = until
+        self.ttl = ttl
+        self.on_duplicate = on_duplicate
+
+    def key_of(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> str:
+        """The rendered key of a call; ``ConfigurationError`` if the arguments do not fit."""
+        return self.key.render(args or (), kwargs or {})
+
+    def apply_async(
+        self, task: Any, publish: Callable[..., Any], dedup: bool, options: dict[str, Any]
+    ) -> Any:
+        """Publish a call of ``task`` through ``publish`` unless a pending task holds its key.
+
+        Returns what ``publish`` returns, or the pending task's ``AsyncResult``;
+        raises ``DuplicateTask`` instead with ``on_duplicate="raise"``. Publishes
+        without deduplicating when ``dedup`` is false, for the task's own retries and
+        postponements (they carry a publish id), inside a canvas, and when the
+        coordination backend cannot be reached (logged).
+        """
+        sent = options.get("headers") or {}
+        if not dedup or headers.PUBLISH in sent or any(options.get(o) for o in _CANVAS):
+            return publish(task, **options)
+        key = self.key_of(options.get("args"), options.get("kwargs"))
+        task_id = options.get("task_id") or str(uuid.uuid4())
+        options["task_id"] = task_id
+        rt = runtime(task.app)
+        try:
+            holder = self._claim(rt, key, task_id)
+        except BackendUnavailable as exc:
+            logger.warning(
+                "celery-resilience: could not deduplicate %s (key %r), publishing it: %s",
+                task.name,
+                key,
+                exc,
+            )
+            return publish(task, **options)
+        # A replay from the dead-letter queue is published even when the key is taken.
+        if holder is not None and headers.REPLAYS not in sent:
+            notify(
+                rt.plugins,
+                "resilience_call_deduplicated",
+                task_name=task.name,
+                task_id=holder,
+                dedup_key=key,
+            )
+            if self.on_duplicate == "raise":
+                raise DuplicateTask(
+                    f"task {task.name} with dedup key {key!r} is pending as {holder}; "
+                    "this call was not published",
+                    holder,
+                    key,
+                )
+            return task.AsyncResult(holder)
+        try:
+            return publish(task, **options)
+        except BaseException:
+            if holder is None:
+                self.release(rt, key, task_id)
+            raise
+
+    def _claim(self, rt: Runtime, key: str, task_id: str) -> str | None:
+        ttl = self.ttl or rt.settings.dedup_ttl
+        holder = rt.backend.dedup_claim(key, task_id, ttl=ttl)
+        if holder is not None and _done(rt.app, holder):
+            holder = rt.backend.dedup_claim(key, task_id, ttl=ttl, stale=holder)
+        return holder
+
+    def release(self, rt: Runtime, key: str, task_id: str) -> None:
+        """Free ``key`` if ``task_id`` holds it; an error is logged (the TTL frees it)."""
+        try:
+            rt.backend.dedup_release(key, task_id)
+        except BackendUnavailable as exc:
+            logger.error(
+                "celery-resilience: could not free dedup key %r of task %s (it expires "
+                "by itself): %s",
+                key,
+                task_id,
+                exc,
+            )
+
+
+def _done(app: Any, task_id: str) -> bool:
+    """Whether the result backend already holds a final state for ``task_id``."""
+    if isinstance(app.backend, DisabledBackend):
+        return False
+    try:
+        return app.AsyncResult(task_id).state in states.READY_STATES
+    except Exception as exc:  # the result backend is down: keep the key
+        logger.warning("celery-resilience: could not read the state of task %s: %s", task_id, exc)
+        return False
+
+
+def deduplicating(apply_async: Callable[..., Any], decider: Dedup) -> Callable[..., Any]:
+    """Wrap a task class's ``apply_async`` so that each call goes through ``decider``.
+
+    ``apply_async(..., dedup=False)`` publishes regardless.
+    """
+
+    @functools.wraps(apply_async)
+    def apply(self: Any, *args: Any, **options: Any) -> Any:
+        options.update(zip(_POSITIONAL, args, strict=False))
+        dedup = options.pop("dedup", True)
+        return decider.apply_async(self, apply_async, dedup, options)
+
+    return apply
+
+
+def revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_revoked`` receiver: a worker discarded a task (revoked, expired) whose
+    dedup key it holds, so the key is freed."""
+    dedup = getattr(getattr(sender, "run", None), "dedup", None)
+    if not isinstance(dedup, Dedup) or request is None:
+        return
+    try:
+        key = dedup.key_of(request.args, request.kwargs)
+    except Exception:
+        return  # arguments that do not fit were never published under a key
+    dedup.release(runtime(sender.app), key, request.id)
