@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -32,8 +33,9 @@ logger = logging.getLogger(__name__)
 _POSITIONAL = ("args", "kwargs", "task_id", "producer", "link", "link_error", "shadow")
 
 # Options Celery's canvas passes when a call is a step of a chain, a member of a
-# group or chord, or has callbacks: its task id is fixed and awaited, so it is
-# never collapsed into another task (the canvas would wait forever).
+# group or chord, or has callbacks: its task id is fixed and awaited, so a collapsed
+# call is published as a follower of the pending task (headers.FOLLOWS), which
+# returns that task's result under its own id.
 _CANVAS = ("chain", "chord", "group_id", "link", "link_error")
 
 
@@ -42,6 +44,7 @@ class Dedup:
 
     def __init__(
         self,
+        task_name: str,
         spec: LockSpec,
         signature: inspect.Signature,
         *,
@@ -49,6 +52,7 @@ class Dedup:
         ttl: float | None,
         on_duplicate: str,
     ) -> None:
+        self.task_name = task_name
         self.key = LockKey(spec, signature, "dedup")
         self.until = until
         self.ttl = ttl
@@ -64,14 +68,19 @@ class Dedup:
         """Publish a call of ``task`` through ``publish`` unless a pending task holds its key.
 
         Returns what ``publish`` returns, or the pending task's ``AsyncResult``;
-        raises ``DuplicateTask`` instead with ``on_duplicate="raise"``. Publishes
-        without deduplicating when ``dedup`` is false, for the task's own retries and
-        postponements (they carry a publish id), inside a canvas, and when the
-        coordination backend cannot be reached (logged).
+        raises ``DuplicateTask`` instead with ``on_duplicate="raise"``. A member of a
+        chain, group or chord is published as a follower instead (see
+        ``headers.FOLLOWS``; without a result backend, as itself). Publishes without
+        deduplicating when ``dedup`` is false, for the task's own retries and
+        postponements (they carry a publish id), and when the coordination backend
+        cannot be reached (logged).
         """
         sent = options.get("headers") or {}
-        if not dedup or headers.PUBLISH in sent or any(options.get(o) for o in _CANVAS):
+        if not dedup or headers.PUBLISH in sent:
             return publish(task, **options)
+        canvas = any(options.get(o) for o in _CANVAS)
+        if canvas and not results_kept(task.app):
+            return publish(task, **options)  # no result to follow
         key = self.key_of(options.get("args"), options.get("kwargs"))
         task_id = options.get("task_id") or str(uuid.uuid4())
         options["task_id"] = task_id
@@ -95,6 +104,10 @@ class Dedup:
                 task_id=holder,
                 dedup_key=key,
             )
+            if canvas:
+                # The canvas waits for this call's own id: publish it as a follower.
+                follows = {headers.FOLLOWS: [holder, time.time()]}
+                return publish(task, **{**options, "headers": {**sent, **follows}})
             if self.on_duplicate == "raise":
                 raise DuplicateTask(
                     f"task {task.name} with dedup key {key!r} is pending as {holder}; "
@@ -110,17 +123,37 @@ class Dedup:
                 self.release(rt, key, task_id)
             raise
 
+    def _stored(self, key: str) -> str:
+        """The backend's key: one task's keys never meet another task's."""
+        return f"{self.task_name}:{key}"
+
     def _claim(self, rt: Runtime, key: str, task_id: str) -> str | None:
-        ttl = self.ttl or rt.settings.dedup_ttl
-        holder = rt.backend.dedup_claim(key, task_id, ttl=ttl)
+        ttl, stored = self.ttl or rt.settings.dedup_ttl, self._stored(key)
+        holder = rt.backend.dedup_claim(stored, task_id, ttl=ttl)
         if holder is not None and _done(rt.app, holder):
-            holder = rt.backend.dedup_claim(key, task_id, ttl=ttl, stale=holder)
+            holder = rt.backend.dedup_claim(stored, task_id, ttl=ttl, stale=holder)
         return holder
+
+    def started(self, rt: Runtime, key: str, task_id: str) -> None:
+        """The task holding ``key`` starts its body: ``"start"`` frees the key, ``"finish"``
+        keeps it ``dedup_ttl`` from now (the TTL counted from the publish would cut
+        short a task that waited long in its queue). Errors are logged."""
+        if self.until == "start":
+            self.release(rt, key, task_id)
+            return
+        try:
+            rt.backend.dedup_claim(
+                self._stored(key), task_id, ttl=self.ttl or rt.settings.dedup_ttl
+            )
+        except BackendUnavailable as exc:
+            logger.error(
+                "celery-resilience: could not extend dedup key %r of task %s: %s", key, task_id, exc
+            )
 
     def release(self, rt: Runtime, key: str, task_id: str) -> None:
         """Free ``key`` if ``task_id`` holds it; an error is logged (the TTL frees it)."""
         try:
-            rt.backend.dedup_release(key, task_id)
+            rt.backend.dedup_release(self._stored(key), task_id)
         except BackendUnavailable as exc:
             logger.error(
                 "celery-resilience: could not free dedup key %r of task %s (it expires "
@@ -131,9 +164,16 @@ class Dedup:
             )
 
 
+def results_kept(app: Any) -> bool:
+    """Whether ``app`` stores task results where this process can read them."""
+    if isinstance(app.backend, DisabledBackend):
+        return False
+    return not app.conf.task_always_eager or bool(app.conf.task_store_eager_result)
+
+
 def _done(app: Any, task_id: str) -> bool:
     """Whether the result backend already holds a final state for ``task_id``."""
-    if isinstance(app.backend, DisabledBackend):
+    if not results_kept(app):
         return False
     try:
         return app.AsyncResult(task_id).state in states.READY_STATES

@@ -26,7 +26,7 @@ from celery_resilience.attempt import Attempt, _current
 from celery_resilience.backends.base import Admission, AdmitResult
 from celery_resilience.backoff import Backoff
 from celery_resilience.deadletter import GiveUp, make_dead_letter
-from celery_resilience.dedup import Dedup
+from celery_resilience.dedup import Dedup, results_kept
 from celery_resilience.errors import BackendUnavailable, CrashBudgetExceeded, LockContended
 from celery_resilience.leases import holder_is_dead, keeper, new_owner, presence_of
 from celery_resilience.locks import LockKey
@@ -87,6 +87,8 @@ class Delivery:
         self.waits = int(headers.read(request, headers.WAITS) or 0)
         since = headers.read(request, headers.LOCK_SINCE)
         self.lock_since: float | None = float(since) if since is not None else None
+        follows = headers.read(request, headers.FOLLOWS)
+        self.follows: list[Any] | None = follows if isinstance(follows, list) else None
         adoptable = headers.read(request, headers.ADOPTABLE)
         self.adoptable: tuple[str, ...] = (
             tuple(a for a in adoptable if isinstance(a, str))
@@ -129,6 +131,11 @@ class Delivery:
                 time.sleep(later.countdown)
 
     def run_once(self) -> Any:
+        if self.follows is not None:
+            done, value = self.follow(self.follows)
+            if done:
+                return value
+            self.follows = None
         try:
             admitted = self.admit()
             held = admitted.admission in (Admission.RUNNING, Admission.LOCK_CONTENDED)
@@ -142,10 +149,11 @@ class Delivery:
                 "resilience_redelivery_seen", attempt=self.attempt, deliveries=self.deliveries
             )
         if admitted.admission is Admission.ADMITTED:
-            self.free_dedup_key("start")
+            if self.gate.dedup is not None and self.dedup_key is not None:
+                self.gate.dedup.started(self.rt, self.dedup_key, self.task_id)
             return self.run_body(admitted)
         if admitted.admission is Admission.DUPLICATE:
-            self.free_dedup_key("finish")
+            self.free_dedup_key()
             self.emit("resilience_duplicate_suppressed")
             raise Ignore()
         if admitted.admission is Admission.CRASH_BUDGET_SPENT:
@@ -166,6 +174,36 @@ class Delivery:
         if admitted.admission is Admission.RUNNING:
             self.running_elsewhere(admitted)
         return self.contended(admitted)
+
+    def follow(self, follows: list[Any]) -> tuple[bool, Any]:
+        """A canvas member collapsed into the task ``follows`` names: ``(True, its
+        value)`` once that task succeeded; postponed while it is pending.
+
+        ``(False, None)`` when this member must run its own body instead: the task
+        it follows failed or was revoked, or did not end within ``dedup_ttl``.
+        """
+        if not results_kept(self.task.app):
+            return False, None
+        try:
+            leader, since = str(follows[0]), float(follows[1])
+            result = self.task.AsyncResult(leader)
+            state = result.state
+        except Exception as exc:  # a malformed header, or the result backend down
+            logger.warning(
+                "celery-resilience: task %s[%s] cannot follow %r, running itself: %s",
+                self.task.name,
+                self.task_id,
+                follows,
+                exc,
+            )
+            return False, None
+        if state == states.SUCCESS:
+            return True, result.result
+        dedup = self.gate.dedup
+        ttl = (dedup.ttl if dedup is not None else None) or self.rt.settings.dedup_ttl
+        if state in states.READY_STATES or time.time() - since > ttl:
+            return False, None
+        self.postpone("following", _RUNNING_BACKOFF.delay(self.waits))
 
     def admit(self) -> AdmitResult:
         """Admit this delivery, retrying in-process while the backend does not answer.
@@ -286,7 +324,7 @@ class Delivery:
         except (Ignore, Reject) as ended:
             self.finish(succeeded=False)
             if not getattr(ended, "requeue", False):
-                self.free_dedup_key("finish")
+                self.free_dedup_key()
             raise
         except Exception as exc:
             self.finish(succeeded=False)
@@ -327,17 +365,11 @@ class Delivery:
                 exc,
             )
 
-    def free_dedup_key(self, until: str) -> None:
-        """Free this task's dedup key at the moment ``dedup_until=until`` names.
-
-        ``"finish"`` also covers a ``"start"`` key the task still holds (its release
-        at the start failed): a task that is done never keeps its key.
-        """
-        dedup = self.gate.dedup
-        if dedup is None or self.dedup_key is None:
-            return
-        if until == "finish" or dedup.until == until:
-            dedup.release(self.rt, self.dedup_key, self.task_id)
+    def free_dedup_key(self) -> None:
+        """The task is done (succeeded, gave up, ended): free its dedup key, in either
+        mode (a ``"start"`` key whose release at the start failed, too)."""
+        if self.gate.dedup is not None and self.dedup_key is not None:
+            self.gate.dedup.release(self.rt, self.dedup_key, self.task_id)
 
     # -- outcomes --------------------------------------------------------
 
@@ -349,6 +381,8 @@ class Delivery:
         }
         if self.publish:
             carried[headers.PUBLISH] = self.publish
+        if self.follows is not None:
+            carried[headers.FOLLOWS] = self.follows
         return carried
 
     def retry(self, reason: str, countdown: float, exc: BaseException) -> NoReturn:
@@ -435,7 +469,7 @@ class Delivery:
         )
         if self.options.dlq:
             self.store_dead_letter(outcome)
-        self.free_dedup_key("finish")
+        self.free_dedup_key()
         notify(self.rt.plugins, "resilience_task_gave_up", outcome=outcome)
         raise exc
 
@@ -519,6 +553,7 @@ class Gate:
         self.dedup: Dedup | None = None
         if options.dedup is not None:
             self.dedup = Dedup(
+                task.name,
                 options.dedup,
                 inspect.signature(body),
                 until=options.dedup_until,
@@ -542,7 +577,7 @@ class Gate:
         if delivery is not None:
             delivery.finish(succeeded=status == states.SUCCESS)
             if status == states.SUCCESS:
-                delivery.free_dedup_key("finish")
+                delivery.free_dedup_key()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         task = self.task

@@ -24,6 +24,9 @@ WAITS = "resilience_waits"
 """How often this attempt was postponed (lock held, body running elsewhere, outage)."""
 LOCK_SINCE = "resilience_lock_since"
 """When this attempt first found its lock held (Unix time): ``lock_timeout`` counts from it."""
+FOLLOWS = "resilience_follows"
+"""``[task id, since]``: a canvas member published while that task held its dedup key;
+it returns that task's result once ready instead of running its body."""
 ADOPTABLE = "resilience_adoptable"
 """Owner strings of deliveries that gave up waiting for the coordination backend; a
 lease their late admission took is this message's own."""

@@ -65,7 +65,8 @@ def resilience_retry_scheduled(
     :param reason: retries: ``exception`` (a ``retry_on`` error), ``requested`` (the
         body called ``self.retry``); postponements: ``lock_contended`` (its lock is
         held), ``running`` (its task id is running elsewhere), ``backend_unavailable``
-        (the coordination backend did not answer for one lease TTL).
+        (the coordination backend did not answer for one lease TTL), ``following``
+        (a canvas member waits for the pending task of its dedup key).
     :param countdown: seconds until it may run (``None``-free; 0 when immediate).
     """
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery import Celery, chain, group
 
-from celery_resilience import ConfigurationError, DuplicateTask, resilient
+from celery_resilience import ConfigurationError, DuplicateTask, headers, resilient
 from celery_resilience.runtime import runtime
 from celery_resilience.testing import eager_app
 
@@ -39,6 +41,24 @@ def queued(app: Celery) -> int:
     with app.connection_for_read() as conn:
         queue = app.conf.task_default_queue
         return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+
+
+def key_is_free(app: Celery, task: Any, key: str) -> bool:
+    """Whether no task holds dedup key ``key`` of ``task`` (a probe takes it if free)."""
+    return runtime(app).backend.dedup_claim(f"{task.name}:{key}", "probe", ttl=1) is None
+
+
+def messages(app: Celery) -> list[dict[str, Any]]:
+    """The headers of each message waiting in the app's queue, in order (they stay)."""
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(app.conf.task_default_queue)
+        found = []
+        for _ in range(queue.qsize()):
+            message = queue.get(timeout=1)
+            found.append(dict(message.headers))
+            message.requeue()
+        queue.close()
+    return found
 
 
 def test_identical_calls_while_one_is_queued_publish_once(app: Celery) -> None:
@@ -111,8 +131,9 @@ def test_a_holder_whose_result_is_ready_does_not_block(app: Celery) -> None:
     assert queued(app) == 2
 
 
-def test_canvas_members_are_never_collapsed(app: Celery) -> None:
-    """In a group or chain each member's id is awaited, so each one is published."""
+def test_canvas_members_are_published_as_followers(app: Celery) -> None:
+    """In a group or chain each member's own id is awaited: a collapsed member is
+    published under its id as a follower of the pending task."""
 
     @resilient(dedup="sync:{repoid}")
     @app.task(shared=False)
@@ -120,9 +141,42 @@ def test_canvas_members_are_never_collapsed(app: Celery) -> None:
 
     pending = sync.delay(5)
     members = group(sync.s(5), sync.s(5)).apply_async()
-    steps = chain(sync.s(5), sync.si(5)).apply_async()
-    assert pending.id not in [r.id for r in members.results] + [steps.id]
-    assert queued(app) == 4
+    steps = chain(sync.s(5), sync.si(6)).apply_async()
+    own = [r.id for r in members.results] + [steps.parent.id]
+    assert pending.id not in own
+    follows = {h["id"]: h.get(headers.FOLLOWS) for h in messages(app)}
+    assert [follows[tid][0] for tid in own] == [pending.id] * 3
+    assert follows[pending.id] is None
+    assert len(follows) == 4
+
+
+@pytest.mark.parametrize(
+    ("leader_state", "value", "runs"),
+    [("SUCCESS", 42, []), ("FAILURE", 5, [5]), ("PENDING", 5, [5])],
+    ids=["leader-succeeded", "leader-failed", "leader-never-ends"],
+)
+def test_follower_returns_the_leaders_value_or_runs_itself(
+    leader_state: str, value: int, runs: list[int]
+) -> None:
+    """A follower returns its leader's value once it succeeded; after a failure, or
+    once dedup_ttl has passed with the leader pending, it runs its own body."""
+    with eager_app(result_backend="cache+memory://", task_store_eager_result=True) as app:
+        ran: list[int] = []
+
+        @resilient(dedup="sync:{repoid}", dedup_ttl=0.3)
+        @app.task(shared=False)
+        def sync(repoid: int) -> int:
+            ran.append(repoid)
+            return repoid
+
+        leader = "leader-" + uuid.uuid4().hex
+        if leader_state == "SUCCESS":
+            app.backend.mark_as_done(leader, 42)
+        elif leader_state == "FAILURE":
+            app.backend.mark_as_failure(leader, KeyError("x"))
+        follower = sync.apply((5,), headers={headers.FOLLOWS: [leader, time.time()]})
+        assert follower.get() == value
+        assert ran == runs
 
 
 def test_unreachable_backend_publishes_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
@@ -167,7 +221,7 @@ def test_eager_calls_run_one_after_another(until: str) -> None:
 
         assert [sync.delay(2).get() for _ in range(3)] == [2, 2, 2]
         assert runs == [2, 2, 2]
-        assert runtime(app).backend.dedup_claim("sync:2", "probe", ttl=1) is None
+        assert key_is_free(app, sync, "sync:2")
 
 
 def test_eager_give_up_frees_the_key() -> None:
@@ -181,7 +235,7 @@ def test_eager_give_up_frees_the_key() -> None:
 
         with pytest.raises(KeyError):
             sync.delay(4).get()
-        assert runtime(app).backend.dedup_claim("sync:4", "probe", ttl=1) is None
+        assert key_is_free(app, sync, "sync:4")
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ class Records:
         return f"{self.prefix}:events:{task_id}"
 
     def push_event(self, task_id: str, event: str) -> None:
-        """Append ``event`` to the events of ``task_id`` (the workers' EventRecorder)."""
+        """Append ``event`` to the events of ``task_id`` (``record_events_in_workers``)."""
         self.client().rpush(self.events_key(task_id), event)
 
 
@@ -255,6 +255,43 @@ def create_app(env: Mapping[str, str]) -> Celery:
     def locked_records_its_body(self: Any, tag: str, seconds: float) -> str:
         """Holds lock ``records:<tag>`` (the default lease length); records its body's span."""
         return record_body(self, tag, seconds)
+
+    def waits_for_release(task: Any, tag: str) -> str:
+        """Record the body's start (``starts``: task id and pid), wait for the test's
+        go-ahead on ``release``, record the end (``completions``: task id)."""
+        r = records.client()
+        r.rpush(records.key(tag, "starts"), f"{task.request.id} {os.getpid()}")
+        if r.blpop([records.key(tag, "release")], timeout=RELEASE_WAIT_S) is None:
+            raise TimeoutError(f"{tag}: the test never released this task")
+        r.rpush(records.key(tag, "completions"), task.request.id)
+        return task.request.id
+
+    @resilient(dedup="dedup:{tag}:{key}", max_retries=0)
+    @app.task(bind=True, shared=False, name="crt.dedup_until_start")
+    def dedup_until_start(self: Any, tag: str, key: int = 0) -> str:
+        """Collapses calls while one is queued; waits for the test's go-ahead."""
+        return waits_for_release(self, tag)
+
+    @resilient(
+        dedup="dedup:{tag}:{key}", lock="dedup:{tag}:{key}", max_retries=0, backoff=QUICK_BACKOFF
+    )
+    @app.task(bind=True, shared=False, name="crt.coalesces")
+    def coalesces(self: Any, tag: str, key: int = 0) -> str:
+        """dedup= and lock= on one key: at most one run, and at most one queued behind it."""
+        return waits_for_release(self, tag)
+
+    @resilient(dedup="dedup:{tag}:{key}", dedup_until="finish", max_retries=0)
+    @app.task(bind=True, shared=False, name="crt.dedup_until_finish")
+    def dedup_until_finish(self: Any, tag: str, key: int = 0) -> str:
+        """Collapses calls while one is queued or running; waits for the test's go-ahead."""
+        return waits_for_release(self, tag)
+
+    @resilient(dedup="dedup:{tag}", dedup_until="finish", max_retries=0)
+    @app.task(shared=False, name="crt.dedup_fails")
+    def dedup_fails(tag: str) -> None:
+        """Records its start and fails for good: dead-lettered on its first run."""
+        records.client().rpush(records.key(tag, "starts"), os.getpid())
+        raise ValueError(f"invalid input in {tag}")
 
     return app
 

@@ -22,6 +22,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_resilience import DeadLetterQueue
+from celery_resilience.leases import process_exists
 from tests.support.workers import WorkerNode, delete_keys, free_port, inherited_environment
 
 from . import metrics_app as mt
@@ -185,7 +186,7 @@ def test_recycled_children_keep_their_counts_and_leave_no_files(make_worker: Mak
     leftovers = [
         name
         for name in os.listdir(directory)
-        if (pid := re.search(r"_(\d+)\.db$", name)) and not _alive(int(pid[1]))
+        if (pid := re.search(r"_(\d+)\.db$", name)) and not process_exists(int(pid[1]))
     ]
     assert leftovers == [], sorted(os.listdir(directory))
     assert "counter_archive.db" in os.listdir(directory)
@@ -194,14 +195,6 @@ def test_recycled_children_keep_their_counts_and_leave_no_files(make_worker: Mak
     worker.process.send_signal(signal.SIGTERM)
     worker.process.wait(STOP_TIMEOUT_S)
     assert not directory.exists(), "the private directory outlived the worker"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_worker_without_prometheus_client_fails_start_naming_the_extra(
