@@ -124,10 +124,11 @@ def resilience_duplicate_suppressed(task_name: str, task_id: str) -> None:
 
 @hookspec
 def resilience_call_deduplicated(task_name: str, task_id: str, dedup_key: str) -> None:
-    """A call of a task with ``dedup=`` published nothing: a task of its key is pending.
+    """A call of a task with ``dedup=`` was collapsed into the pending task of its key.
 
-    Called in the process that made the call (a web process, say), once per such
-    call. ``task_id`` is the pending task the call was collapsed into, ``dedup_key``
+    It published nothing (or, in a chain, group or chord, a follower that runs no
+    body). Called in the process that made the call (a web process, say), once per
+    such call. ``task_id`` is the pending task the call was collapsed into, ``dedup_key``
     the rendered key.
     """
 

@@ -72,7 +72,7 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(
             "celery_resilience_deduplicated_total",
             "celery_resilience.deduplicated", "counter", ("task",), "{call}",
-            "Calls that published nothing: a task of their dedup key was pending.",
+            "Calls collapsed into the pending task of their dedup key.",
         ),
         MetricSpec(
             "celery_resilience_dlq_replays_total", "celery_resilience.dlq.replays", "counter",
