@@ -104,6 +104,24 @@ def test_dedup_false_always_publishes(app: Celery) -> None:
     assert sync.delay(1).id == first.id
 
 
+def test_replay_from_the_dlq_takes_a_free_key_and_is_never_dropped(app: Celery) -> None:
+    """A replay (it carries the replay count) publishes even when another task holds the
+    key; when the key is free it takes it, so later calls collapse into the replay."""
+
+    @resilient(dedup="sync:{repoid}")
+    @app.task(shared=False)
+    def sync(repoid: int) -> None: ...
+
+    replay = {headers.REPLAYS: 1}
+    pending = sync.delay(1)
+    beside = sync.apply_async((1,), headers=replay)
+    assert beside.id != pending.id
+    assert sync.delay(1).id == pending.id
+    replayed = sync.apply_async((2,), headers=replay)
+    assert sync.delay(2).id == replayed.id
+    assert queued(app) == 3
+
+
 def test_callable_key_and_bound_task(app: Celery) -> None:
     """A callable key sees the call's arguments; a bound task's self is not one of them."""
 
