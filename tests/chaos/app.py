@@ -106,7 +106,7 @@ class Records:
         return self.key("release", tag)
 
     def count_event(self, task_id: str, event: str) -> None:
-        """Count one ``event`` of ``task_id`` (the workers' EventRecorder)."""
+        """Count one ``event`` of ``task_id`` (``record_events_in_workers`` calls it)."""
         self.client().hincrby(self.events(task_id), event, 1)
 
 
