@@ -180,27 +180,6 @@ def test_lock_is_checked_on_every_delivery_not_only_the_first(app: Celery) -> No
     assert ran == [0]
 
 
-def test_redelivered_succeeded_task_is_suppressed_not_rerun(
-    app: Celery, events: HookRecorder
-) -> None:
-    """A second delivery of a publish that succeeded is acked without running."""
-    runs: list[int] = []
-
-    @resilient()
-    @app.task(shared=False)
-    def once(x: int) -> int:
-        runs.append(x)
-        return x
-
-    task_id = uuid.uuid4().hex
-    same = {headers.PUBLISH: "publish-1"}  # a redelivered copy carries its publish id
-    assert once.apply_async((1,), task_id=task_id, headers=same).get() == 1
-    again = once.apply_async((1,), task_id=task_id, headers=same)
-    assert again.state == "IGNORED"
-    assert runs == [1]
-    assert [e["task_id"] for e in events.of("duplicate_suppressed")] == [task_id]
-
-
 def test_new_publish_reusing_a_succeeded_task_id_runs_again(app: Celery) -> None:
     """apply_async with a task id that already succeeded is a new publish: it runs."""
     runs: list[int] = []

@@ -26,34 +26,34 @@ def docs_example(page_name: str = "plugins.md", marker: str = "contract-example"
     return block.group(1)
 
 
-def test_the_docs_contract_example_passes_against_the_memory_backend(tmp_path: Path) -> None:
-    """The example module of under 20 lines runs both suites, every test passing."""
-    example = docs_example()
-    assert len(example.splitlines()) < 20
-    (tmp_path / "test_my_backend.py").write_text(example)
+def run_as_test_module(directory: Path, name: str, source: str) -> str:
+    """Run ``source`` as the test module ``name`` of a project in ``directory``, as its
+    author would (``pytest -q``); fail unless every test passed. Returns pytest's output."""
+    (directory / name).write_text(source)
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_backend.py"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name],
+        cwd=directory,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(r"\b67 passed\b", run.stdout), run.stdout
+    return run.stdout
+
+
+def test_the_docs_contract_example_passes_against_the_memory_backend(tmp_path: Path) -> None:
+    """The example module of under 20 lines runs both suites, every test passing."""
+    example = docs_example()
+    assert len(example.splitlines()) < 20
+    output = run_as_test_module(tmp_path, "test_my_backend.py", example)
+    assert re.search(r"\b67 passed\b", output), output
 
 
 def test_the_docs_hook_testing_example_passes(tmp_path: Path) -> None:
     """The plugin-testing example of docs/hooks.md runs as shown and its test passes."""
-    (tmp_path / "test_my_plugin.py").write_text(docs_example("hooks.md", "hooks-example"))
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_plugin.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(r"\b1 passed\b", run.stdout), run.stdout
+    example = docs_example("hooks.md", "hooks-example")
+    output = run_as_test_module(tmp_path, "test_my_plugin.py", example)
+    assert re.search(r"\b1 passed\b", output), output
 
 
 def test_the_recorder_and_the_demo_import_without_pytest() -> None:
