@@ -120,13 +120,25 @@ class WorkerProc:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL the group after 5 s; reap the main process."""
-        if self.proc.poll() is None:
-            self.kill(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        self.kill(signal.SIGKILL)  # orphaned children too
+        stop_groups([self.proc], 5.0)
+
+
+def stop_groups(procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM the process group of each of ``procs`` at once, wait up to ``timeout``
+    for them together, then SIGKILL every group (orphaned children too) and reap."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
+            proc.wait(max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
 
 
 def start_worker(
@@ -247,8 +259,9 @@ def redis_usage(r: redis.Redis) -> dict[str, float]:
     }
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and the packages the figures depend on."""
+def versions(r: redis.Redis | None = None) -> dict[str, str]:
+    """Versions of Python, the packages the figures depend on and the Redis server
+    (``r``'s, by default :data:`REDIS_URL`'s)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -256,7 +269,7 @@ def versions() -> dict[str, str]:
                  "celery-singleton", "prometheus-client"):  # fmt: skip
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
-    info = client().info("server")
+    info = (r or client()).info("server")
     out["redis-server"] = str(info.get("redis_version"))
     return out
 

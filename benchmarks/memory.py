@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from common import (
     WorkerProc,
     client,
     delete_keys,
+    free_port,
     log,
     rss_kib,
     spread,
@@ -42,12 +42,6 @@ from common import (
 )
 
 SETUPS = ("plain", "resilient", "resilient_metrics")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,8 @@ measured on the same (noisy) machine a few seconds apart:
 2. Round trips to the coordination backend per successful delivery, counted for
    real on the resilience Redis connection (``MONITOR``; see ``count_round_trips``).
 
-How (details in the comments of ``main`` and ``Bench.run_phase``):
+How (details in the comments of ``main`` and ``Bench.run_phase``; the workers' app is
+``throughput_app.py``, worker processes and clean-up are ``common.py``'s):
 
 - Two workers, each started once for the whole run: the plain variants run on a
   worker that never imports celery-resilience, the resilient ones on a worker that
@@ -77,19 +78,23 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import redis
 from celery import Celery
+from common import (
+    WorkerProc,
+    delete_keys,
+    free_port,
+    log,
+    spread,
+    start_worker,
+    stop_groups,
+    versions,
+    wait_for,
+)
+from throughput_app import TASK_NAMES, VARIANTS, make_app, now
 
-# --------------------------------------------------------------------------------------
-# The Celery app. This file is also the module the workers import (``celery -A
-# throughput worker``, with this directory on PYTHONPATH); the driver passes the
-# configuration in BENCH_* environment variables.
-# --------------------------------------------------------------------------------------
-
-ROLE = os.environ.get("BENCH_ROLE", "driver")  # driver | plain | resilient | all
-
-VARIANTS = ("plain", "plain_acks_late", "nolock", "lock", "lock_metrics")
-TASK_NAMES = {v: f"bench.{v}" for v in VARIANTS}
 LABELS = {
     "plain": "plain @app.task (Celery defaults: acks early)",
     "plain_acks_late": "plain @app.task(acks_late=True)",
@@ -106,107 +111,6 @@ WORKER_OF = {
     "lock_metrics": "metrics",
 }
 
-# CLOCK_MONOTONIC is one clock for every process of a Linux machine, so stamps taken
-# in the worker children and in the driver can be subtracted.
-_now = time.monotonic
-
-
-def make_app(role: str, broker_url: str, resilience_url: str | None, key_prefix: str) -> Celery:
-    app = Celery("bench", broker=broker_url, backend=None, set_as_current=True)
-    app.conf.update(
-        broker_transport_options={"visibility_timeout": 3600},
-        worker_prefetch_multiplier=4,
-        # No result backend and no results: we measure the task path, not result storage.
-        task_ignore_result=True,
-        result_backend=None,
-        broker_connection_retry_on_startup=True,
-        # task_acks_late is left at Celery's default (False); resilient tasks set it per task.
-    )
-    if resilience_url is not None:
-        app.conf.update(resilience_url=resilience_url, resilience_key_prefix=key_prefix)
-    if role == "metrics":
-        # The Prometheus exporter on (it serves /metrics from the worker's main process).
-        app.conf.update(resilience_prometheus_port=int(os.environ["BENCH_METRICS_PORT"]))
-    return app
-
-
-_counter_client: redis.Redis | None = None
-_counter_pid = 0
-
-
-def _counter() -> redis.Redis:
-    """One Redis client per worker child (the prefork children are forked)."""
-    global _counter_client, _counter_pid
-    if _counter_client is None or _counter_pid != os.getpid():
-        _counter_client = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
-        _counter_pid = os.getpid()
-    return _counter_client
-
-
-def _done(key: str, n: int) -> None:
-    """The whole body of every variant: count this task, stamp the first and the last."""
-    t = _now()
-    r = _counter()
-    c = r.incr(key)
-    if c == 1:
-        r.set(f"{key}:first", repr(t))
-    if c == n:
-        r.set(f"{key}:last", repr(t))
-
-
-def register_tasks(app: Celery, role: str) -> None:
-    if role in ("plain", "all"):
-
-        @app.task(name=TASK_NAMES["plain"])
-        def plain(i: int, key: str, n: int) -> None:
-            _done(key, n)
-
-        @app.task(name=TASK_NAMES["plain_acks_late"], acks_late=True)
-        def plain_acks_late(i: int, key: str, n: int) -> None:
-            _done(key, n)
-
-    if role in ("resilient", "all"):
-        # Imported only here: the "plain" worker runs Celery without celery-resilience.
-        from celery_resilience import resilient
-
-        @resilient()
-        @app.task(name=TASK_NAMES["nolock"])
-        def nolock(i: int, key: str, n: int) -> None:
-            _done(key, n)
-
-        @resilient(lock="k:{i}")
-        @app.task(name=TASK_NAMES["lock"])
-        def lock(i: int, key: str, n: int) -> None:
-            _done(key, n)
-
-    if role in ("metrics", "all"):
-        from celery_resilience import resilient
-
-        @resilient(lock="k:{i}")
-        @app.task(name=TASK_NAMES["lock_metrics"])
-        def lock_metrics(i: int, key: str, n: int) -> None:
-            _done(key, n)
-
-
-app: Celery | None = None
-if ROLE != "driver":
-    app = make_app(
-        ROLE,
-        os.environ["BENCH_BROKER_URL"],
-        os.environ.get("BENCH_RESILIENCE_URL") if ROLE in ("resilient", "metrics", "all") else None,
-        os.environ.get("BENCH_KEY_PREFIX", "celery_resilience"),
-    )
-    register_tasks(app, ROLE)
-
-
-# --------------------------------------------------------------------------------------
-# Driver
-# --------------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 class BenchError(RuntimeError):
     pass
@@ -216,29 +120,6 @@ def db_url(base: str, db: int, **query: str) -> str:
     parts = urlsplit(base)
     q = "&".join(f"{k}={v}" for k, v in query.items())
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", q, ""))
-
-
-@dataclass
-class Worker:
-    role: str
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: str
-
-    def children(self) -> list[int]:
-        """PIDs of the pool processes (children of the worker's main process)."""
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:
-            return []
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 @dataclass
@@ -267,75 +148,50 @@ class Bench:
     app: Celery
     r: redis.Redis
     workdir: str
-    workers: dict[str, Worker] = field(default_factory=dict)
+    workers: dict[str, WorkerProc] = field(default_factory=dict)
     phase_no: int = 0
     helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     stopped: bool = False
 
     # -- workers -----------------------------------------------------------------
 
-    def start_worker(self, role: str) -> Worker:
-        name = f"{role}-{self.run_id}@{socket.gethostname()}"
-        log_path = os.path.join(self.workdir, f"worker-{role}.log")
-        env = dict(os.environ)
-        here = os.path.dirname(os.path.abspath(__file__))
-        env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
-        env.update(
-            BENCH_ROLE=role,
-            BENCH_BROKER_URL=self.broker_url,
-            BENCH_RESILIENCE_URL=self.resilience_url,
-            BENCH_METRICS_PORT=str(_free_port()),
-            BENCH_KEY_PREFIX=self.key_prefix,
-        )
+    def start_worker(self, role: str) -> WorkerProc:
+        env = {
+            "BENCH_ROLE": role,
+            "BENCH_BROKER_URL": self.broker_url,
+            "BENCH_RESILIENCE_URL": self.resilience_url,
+            "BENCH_METRICS_PORT": str(free_port()),
+            "BENCH_KEY_PREFIX": self.key_prefix,
+        }
         # The worker starts on an idle queue of its own; each measured phase adds its
-        # queue with add_consumer and cancels it afterwards.
-        cmd = [
-            sys.executable, "-m", "celery", "-A", "throughput", "worker",
-            "--pool", "prefork", "--concurrency", str(self.args.concurrency),
-            "--loglevel", "WARNING", "--hostname", name,
-            "--queues", f"bench.{self.run_id}.idle.{role}",
-            # Background chatter off (the same for every variant); task path unchanged.
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ]  # fmt: skip
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # own process group: killed as a whole on exit
-            )  # fmt: skip
-        w = Worker(role, name, proc, log_path)
+        # queue with add_consumer and cancels it afterwards. Background chatter is off
+        # (the same for every variant); the task path is unchanged.
+        w = start_worker(
+            "throughput_app",
+            f"{role}-{self.run_id}",
+            env,
+            f"bench.{self.run_id}.idle.{role}",
+            os.path.join(self.workdir, f"worker-{role}.log"),
+            concurrency=self.args.concurrency,
+        )
         self.workers[role] = w
         return w
 
-    def wait_ready(self, w: Worker, timeout: float = 90.0) -> None:
-        deadline = _now() + timeout
-        while _now() < deadline:
+    def wait_ready(self, w: WorkerProc, timeout: float = 90.0) -> None:
+        def ready() -> bool:
             if w.proc.poll() is not None:
                 raise BenchError(f"worker {w.name} exited ({w.proc.returncode}):\n{w.log_tail()}")
-            ready = self.app.control.ping(destination=[w.name], timeout=0.5)
-            if ready and len(w.children()) >= self.args.concurrency:
-                return
-            time.sleep(0.2)
-        raise BenchError(f"worker {w.name} not ready after {timeout:.0f} s:\n{w.log_tail()}")
+            pong = self.app.control.ping(destination=[w.name], timeout=0.5)
+            return bool(pong) and len(w.children()) >= self.args.concurrency
+
+        if not wait_for(ready, timeout, 0.2):
+            raise BenchError(f"worker {w.name} not ready after {timeout:.0f} s:\n{w.log_tail()}")
 
     def stop_workers(self) -> None:
         if self.stopped:  # called from finally and again from atexit
             return
         self.stopped = True
-        procs = [w.proc for w in self.workers.values()] + self.helpers
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        deadline = _now() + 10
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.1, deadline - _now()))
-        for p in procs:
-            # SIGKILL the group even if the leader is gone: orphaned pool children.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
+        stop_groups([w.proc for w in self.workers.values()] + self.helpers, 10.0)
 
     # -- one phase: publish n tasks, then let one worker consume them --------------
 
@@ -372,34 +228,32 @@ class Bench:
         if before_consume is not None:
             before_consume()
         cpu0 = self.cpu_snapshot(worker)
-        busy0 = _machine_busy_ns(), time.process_time_ns(), _now()
-        t0 = _now()
+        busy0 = _machine_busy_ns(), time.process_time_ns(), now()
+        t0 = now()
         reply = self.app.control.add_consumer(
             queue, destination=[worker.name], reply=True, timeout=10
         )
         if not reply or "ok" not in next(iter(reply[0].values())):
             raise BenchError(f"add_consumer({queue}) on {worker.name}: {reply!r}")
-        deadline = _now() + max(60.0, n / 20)
+        deadline = now() + max(60.0, n / 20)
         while True:
             done = int(self.r.get(key) or 0)
             if done >= n:
                 break
             if worker.proc.poll() is not None:
                 raise BenchError(f"worker {worker.name} died:\n{worker.log_tail()}")
-            if _now() > deadline:
+            if now() > deadline:
                 raise BenchError(
-                    f"{variant}: only {done}/{n} tasks done after {_now() - t0:.0f} s; "
+                    f"{variant}: only {done}/{n} tasks done after {now() - t0:.0f} s; "
                     f"worker log:\n{worker.log_tail()}"
                 )
             time.sleep(0.05)  # only for the driver: the stamps are taken in the worker
         first = float(self.r.get(f"{key}:first"))
         last = float(self.r.get(f"{key}:last"))
         # Let the acks (acks_late: after the body) land before the next phase starts.
-        deadline = _now() + 10
-        while self.r.hlen("unacked") and _now() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: not self.r.hlen("unacked"), 10, 0.01)
         cpu1 = self.cpu_snapshot(worker)
-        busy1 = _machine_busy_ns(), time.process_time_ns(), _now()
+        busy1 = _machine_busy_ns(), time.process_time_ns(), now()
         self.app.control.cancel_consumer(queue, destination=[worker.name], reply=True, timeout=10)
         self.r.delete(key, f"{key}:first", f"{key}:last", queue)
         span = last - first
@@ -413,7 +267,7 @@ class Bench:
             other = max(0.0, busy1[0] - busy0[0] - ours) / ((busy1[2] - busy0[2]) * 1e9)
         return Phase(variant, rnd, n, rate, span, last - t0, cpu, round(other, 2))
 
-    def cpu_snapshot(self, worker: Worker) -> dict[str, float]:
+    def cpu_snapshot(self, worker: WorkerProc) -> dict[str, float]:
         """CPU time so far, in ns: the worker's main process, its pool children's main
         threads and their other threads (the lease keeper), and the Redis server.
 
@@ -700,7 +554,8 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
     for p in phases:
         by[p.variant].append(p.rate)
         per_round.setdefault(p.round, {})[p.variant] = p.rate
-    med = {v: statistics.median(rates) for v, rates in by.items() if rates}
+    over_rounds = {v: spread(rates) for v, rates in by.items() if rates}
+    med = {v: x["median"] for v, x in over_rounds.items()}
 
     def paired(v: str, base: str) -> float:
         # Median over rounds of variant / base within the same round (slow drift cancels).
@@ -723,8 +578,8 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
             "paired_ratio_to_plain_acks_late": round(paired(v, "plain_acks_late"), 3),
             "rates": [round(x, 1) for x in rates],
             "median": round(med[v], 1),
-            "min": round(min(rates), 1),
-            "max": round(max(rates), 1),
+            "min": round(over_rounds[v]["min"], 1),
+            "max": round(over_rounds[v]["max"], 1),
             "ratio_to_plain": round(med[v] / med["plain"], 3),
             "ratio_to_plain_acks_late": round(med[v] / med["plain_acks_late"], 3),
         }
@@ -760,10 +615,10 @@ def print_table(result: dict[str, Any]) -> None:
         if v not in s:
             continue
         x = s[v]
-        spread = f"{x['min']:.0f}-{x['max']:.0f}"
+        span = f"{x['min']:.0f}-{x['max']:.0f}"
         paired = f"{x['paired_ratio_to_plain']:.3f}/{x['paired_ratio_to_plain_acks_late']:.3f}"
         print(
-            f"{LABELS[v]:<46} {x['median']:>8.0f} {spread:>11} "
+            f"{LABELS[v]:<46} {x['median']:>8.0f} {span:>11} "
             f"{x['ratio_to_plain']:>8.3f} {x['ratio_to_plain_acks_late']:>12.3f} {paired:>13}"
         )
     print()
@@ -895,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     r = redis.Redis.from_url(broker_url)
     r_res = redis.Redis.from_url(db_url(args.redis, args.resilience_db))
     own = _own_keys(run_id, key_prefix)
-    _delete(r, own)
+    delete_keys(r, *own)
     workdir = tempfile.mkdtemp(prefix="celery-resilience-bench-")
     b = Bench(args, run_id, broker_url, resilience_url, key_prefix, res_client_name,
               driver_app, r, workdir)  # fmt: skip
@@ -908,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C raises KeyboardInterrupt even when started from a shell that ignores SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit.register(b.stop_workers)
-    t_start = _now()
+    t_start = now()
     load_start = [round(x, 2) for x in os.getloadavg()]
     try:
         # One worker per role, each started once for the whole run. The plain variants
@@ -980,8 +835,8 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
-                "versions": _versions(),
-                "seconds": round(_now() - t_start, 1),
+                "versions": versions(r),
+                "seconds": round(now() - t_start, 1),
                 "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
             },
             "phases": [vars(p) for p in phases],
@@ -1010,8 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         b.stop_workers()
         with contextlib.suppress(redis.RedisError):
-            _delete(r, own)
-            _delete(r_res, own)
+            delete_keys(r, *own)
+            delete_keys(r_res, *own)
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -1020,29 +875,6 @@ def _own_keys(run_id: str, key_prefix: str) -> list[str]:
     """Key patterns this run owns: its run id, and kombu's keys in the benchmark db."""
     return [f"*{run_id}*", f"{key_prefix}:*", "unacked", "unacked_index", "unacked_mutex",
             "_kombu.binding*"]  # fmt: skip
-
-
-def _delete(r: redis.Redis, patterns: list[str]) -> None:
-    for pattern in patterns:
-        keys = list(r.scan_iter(match=pattern, count=1000))
-        for k in range(0, len(keys), 500):
-            r.delete(*keys[k : k + 500])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("celery", "kombu", "redis", "celery-resilience"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[dist] = version(dist)
-    return out
 
 
 if __name__ == "__main__":
