@@ -78,18 +78,17 @@ def redis_cluster(
 
 
 @pytest.fixture(scope="module")
-def amqp_cluster(
-    integration_redis_url: str,
-    integration_amqp_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
+def broker_cluster(
+    integration_redis_url: str, broker_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    """Two worker nodes on a RabbitMQ broker; Redis for results and coordination."""
+    """Two worker nodes on each broker in turn (``broker_url``), shared by a module;
+    Redis for results and coordination on both."""
     cluster = Cluster(
         redis_url=integration_redis_url,
-        broker_url=integration_amqp_url,
+        broker_url=broker_url,
         logdir=tmp_path_factory.mktemp("workers"),
     )
-    with cluster.running("amqp1", "amqp2"):
+    with cluster.running("node1", "node2"):
         yield cluster
 
 

@@ -1,100 +1,24 @@
-"""Real workers on a Redis broker: exclusion, crashes, redeliveries, retries, contention.
+"""Real workers on a Redis broker: re-publishes, chords, retries, contention, copies.
 
 The two worker nodes start once for the module; each test works under its own tag
-(records and lock keys), so the tests do not see each other's tasks.
+(records and lock keys), so the tests do not see each other's tasks. What RabbitMQ must
+give as well (exclusion, a killed child, the crash budget, a suppressed copy) is in
+``test_brokers.py``, on both brokers.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
 from celery import chord
 
-from celery_resilience import CrashBudgetExceeded, LockContended, headers
+from celery_resilience import LockContended, headers
 
 from .app import LOCK_TTL
-from .harness import Cluster, check_lock_exclusion, wait_until
+from .harness import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def test_tasks_on_the_same_lock_key_never_overlap_across_two_nodes(redis_cluster: Cluster) -> None:
-    """40 tasks over 3 lock keys on 2 nodes x 2 children all succeed, never overlapping."""
-    check_lock_exclusion(redis_cluster, tasks=40, keys=3)
-
-
-def test_a_child_killed_mid_task_runs_the_task_again_to_one_completion(
-    redis_cluster: Cluster,
-) -> None:
-    """A pool child SIGKILLed mid-task: the task is redelivered, runs again and completes once."""
-    cluster, tag = redis_cluster, redis_cluster.tag()
-    result = cluster.send("crt.blocks_until_released", tag)
-    try:
-        (victim,) = cluster.wait_for_starts(tag, 1, result)
-        os.kill(int(victim), signal.SIGKILL)
-        cluster.wait_for_starts(tag, 2, result)
-    finally:
-        cluster.release(tag)
-    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the killed task")
-    cluster.wait_until_settled(result)
-
-    report = cluster.report(result)
-    assert state == "SUCCESS", report
-    assert result.result == "released", report
-    starts = cluster.starts(tag)
-    assert len(starts) == 2, f"body started {len(starts)} times: {starts}\n{report}"
-    assert starts[0] == victim, report
-    assert starts[1] != victim, report
-    completions = cluster.records_of(tag, "completions")
-    assert completions == [starts[1]], report
-    assert "redelivery_seen" in cluster.events(result.id), report
-
-
-def test_a_task_that_kills_its_worker_every_time_stops_after_the_crash_budget(
-    redis_cluster: Cluster,
-) -> None:
-    """A poison message (SIGKILLs its child) runs max_crashes=3 times, then fails for good."""
-    cluster, tag = redis_cluster, redis_cluster.tag()
-    result = cluster.send("crt.kills_its_worker", tag)
-    state = cluster.wait_for_state(result, {"SUCCESS", "FAILURE"}, "the poison message")
-    cluster.wait_until_settled(result)
-
-    report = cluster.report(result)
-    assert state == "FAILURE", report
-    assert isinstance(result.result, CrashBudgetExceeded), report
-    assert "max_crashes=3" in str(result.result), report
-    starts = cluster.starts(tag)
-    assert len(starts) == 3, f"body started {len(starts)} times: {starts}\n{report}"
-    assert len(set(starts)) == 3, f"each start should be in a fresh child: {starts}"
-    time.sleep(0.5)  # grace period: the message is acked, so nothing may start it again
-    assert len(cluster.starts(tag)) == 3, cluster.report(result)
-    assert cluster.events(result.id)[-2:] == ["crash_budget_spent", "gave_up:worker_lost"], report
-
-
-def test_a_redelivered_copy_of_a_succeeded_task_is_acked_without_running(
-    redis_cluster: Cluster,
-) -> None:
-    """A copy of a succeeded task's message (same publish) is acked, counted, not run."""
-    cluster, tag = redis_cluster, redis_cluster.tag()
-    message = {headers.PUBLISH: f"publish-{tag}"}  # what a redelivered copy carries
-    first = cluster.send("crt.doubles", tag, 21, headers=message)
-    assert cluster.wait_for_state(first, {"SUCCESS", "FAILURE"}, "the first run") == "SUCCESS"
-    assert first.result == 42
-
-    copy = cluster.send("crt.doubles", tag, 21, task_id=first.id, headers=message)
-    assert copy.id == first.id
-    events = cluster.wait_until_event(first, "duplicate_suppressed")
-    cluster.wait_until_settled(first)
-
-    report = cluster.report(first)
-    assert events.count("duplicate_suppressed") == 1, report
-    assert len(cluster.starts(tag)) == 1, report
-    fresh = cluster.result(first.id)
-    assert fresh.state == "SUCCESS", report
-    assert fresh.result == 42, report
 
 
 def test_a_new_publish_of_a_succeeded_task_id_runs_again(redis_cluster: Cluster) -> None:
