@@ -21,25 +21,24 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import redis
 from celery.result import AsyncResult
 
-from celery_resilience import DeadLetter, DeadLetterQueue, liveness
+from celery_resilience import liveness
 from celery_resilience.settings import load_settings
 from tests.support import services, workers
+from tests.support.cluster import WorkerCluster
 from tests.support.services import REDIS_URL
-from tests.support.workers import WorkerNode
+from tests.support.workers import WorkerNode, wait_until
 
 from . import app as chaos_app
 
-T = TypeVar("T")
+__all__ = ["KOMBU_FAST_SWEEP", "ChaosCluster", "Node", "record", "wait_until"]
 
 # Bounds, not expectations (the machine may be shared and slow).
 READY_TIMEOUT_S = 60.0
-WAIT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 _LOG_TAIL_LINES = 60
 
@@ -52,17 +51,6 @@ def _kombu_sweeps_every_second() -> bool:
 
 
 KOMBU_FAST_SWEEP = _kombu_sweeps_every_second()
-
-
-def wait_until(
-    predicate: Callable[[], T],
-    what: str,
-    diagnostics: Callable[[], str],
-    timeout: float = WAIT_TIMEOUT_S,
-    poll: float = workers.POLL_S,
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail with diagnostics if never."""
-    return workers.wait_until(predicate, what, diagnostics, timeout, poll)
 
 
 class Node(WorkerNode):
@@ -94,16 +82,16 @@ class Node(WorkerNode):
         self.base = base  # the role it plays in its cluster ("n1"), kept by a replacement
         self.gate = env.get(chaos_app.GATE)  # the list it waits on before consuming, if any
 
-    def received(self, task_name: str, task_id: str) -> int:
-        """How many times this node received a message of ``task_id``."""
-        return self.text().count(f"{task_name}[{task_id}] received")
-
     def report(self, lines: int = _LOG_TAIL_LINES, output_lines: int = 20) -> str:
         return super().report(lines, output_lines)
 
 
-class ChaosCluster:
+class ChaosCluster(WorkerCluster[Node]):
     """Worker nodes sharing one queue and one Redis prefix, and a client app to publish."""
+
+    ready_timeout = READY_TIMEOUT_S
+    stop_timeout = STOP_TIMEOUT_S
+    log_tail_lines = _LOG_TAIL_LINES
 
     def __init__(
         self,
@@ -122,71 +110,47 @@ class ChaosCluster:
         ``resilience_node_ttl``), set last; ``lock_ttl``: the lock leases' TTL (default
         ``app.LOCK_TTL``)."""
         run = uuid.uuid4().hex[:10]
+        prefix, queue = f"chaos:{run}", f"chaos.{run}"
         self.label = label
-        self.prefix = f"chaos:{run}"
-        self.queue = f"chaos.{run}"
-        self.redis_url = redis_url
-        self.logdir = logdir
         self.visibility_timeout = visibility_timeout
-        self.env = {
-            **workers.inherited_environment(),
-            chaos_app.PREFIX: self.prefix,
+        env = {
+            chaos_app.PREFIX: prefix,
             chaos_app.REDIS_URL: redis_url,
-            chaos_app.QUEUE: self.queue,
+            chaos_app.QUEUE: queue,
             chaos_app.VISIBILITY_TIMEOUT: str(visibility_timeout),
             chaos_app.FAST_SWEEP: "1" if fast_sweep else "0",
         }
         if resilience_url is not None:
-            self.env[chaos_app.RESILIENCE_URL] = resilience_url
+            env[chaos_app.RESILIENCE_URL] = resilience_url
         if settings:
-            self.env[chaos_app.SETTINGS] = json.dumps(settings)
+            env[chaos_app.SETTINGS] = json.dumps(settings)
         if lock_ttl is not None:
-            self.env[chaos_app.LOCK_TTL_S] = str(lock_ttl)
-        self.app = chaos_app.create_app(self.env)
-        self.records = chaos_app.Records(self.prefix, redis_url)
-        self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.nodes: list[Node] = []
-        self._dlq: DeadLetterQueue | None = None
+            env[chaos_app.LOCK_TTL_S] = str(lock_ttl)
+        super().__init__(
+            chaos_app, prefix=prefix, queue=queue, redis_url=redis_url, logdir=logdir, env=env
+        )
         self._generation = 0
 
     # -- processes -------------------------------------------------------
 
-    def spawn(
+    def new_node(
         self,
-        *names: str,
+        name: str,
+        *,
         concurrency: int = 2,
         wrap: Sequence[str] = (),
         gated: bool = False,
         app_module: ModuleType = chaos_app,
-    ) -> list[Node]:
-        """Start nodes ``names`` (without waiting for them). ``gated``: each waits, once
-        imported, until :meth:`ungate` (it consumes nothing before)."""
-        started = []
-        for name in names:
-            full = f"{self.label}-{name}-{self.prefix[-6:]}"
-            env = dict(self.env)
-            if gated:
-                env[chaos_app.GATE] = self.records.key("gate", full)
-            started.append(
-                Node(
-                    full,
-                    name,
-                    env,
-                    self.logdir,
-                    concurrency=concurrency,
-                    wrap=wrap,
-                    app_module=app_module,
-                )
-            )
-        self.nodes += started
-        return started
-
-    def start(self, *names: str) -> list[Node]:
-        """Start nodes ``names`` together and wait until each logs ``ready.``."""
-        started = self.spawn(*names)
-        for node in started:
-            self.wait_ready(node)
-        return started
+    ) -> Node:
+        """``gated``: the node waits, once imported, until :meth:`ungate` (it consumes
+        nothing before); ``app_module``: the app it runs instead of ``tests.chaos.app``."""
+        full = f"{self.label}-{name}-{self.prefix[-6:]}"
+        env = dict(self.env)
+        if gated:
+            env[chaos_app.GATE] = self.records.key("gate", full)
+        return Node(
+            full, name, env, self.logdir, concurrency=concurrency, wrap=wrap, app_module=app_module
+        )
 
     def ungate(self, node: Node) -> None:
         """Let a gated node go on with its start (a cold start is over by then)."""
@@ -197,12 +161,8 @@ class ChaosCluster:
         """Wait until a gated node is imported and waiting at its gate."""
         assert node.gate is not None, f"{node.name} was not spawned gated"
         key = node.gate + ":waiting"
-        wait_until(
-            lambda: self.redis.exists(key), f"{node.name} at its gate", self.report, READY_TIMEOUT_S
-        )
-
-    def wait_ready(self, node: Node) -> None:
-        node.wait_ready(READY_TIMEOUT_S, self.report)
+        what = f"{node.name} at its gate"
+        wait_until(lambda: self.redis.exists(key), what, self.report, self.ready_timeout)
 
     def replace(self, node: Node) -> Node:
         """Start a fresh node in place of ``node`` (a new pod after one died)."""
@@ -210,39 +170,20 @@ class ChaosCluster:
         (fresh,) = self.spawn(f"{node.base}r{self._generation}")
         return fresh
 
-    def node(self, name: str) -> Node:
-        (found,) = [node for node in self.nodes if node.name == name]
-        return found
-
-    def close(self) -> None:
-        for node in self.nodes:  # all asked at once, then waited for
-            node.terminate()
-        for node in self.nodes:
-            node.stop()
-        if self._dlq is not None:
-            self._dlq.backend.close()
-        workers.delete_keys(self.redis, f"{self.prefix}:*")
-        self.redis.close()
-        self.records.close()
-        self.app.close()
-
     # -- tasks -----------------------------------------------------------
 
     def send_locked(self, key: str, seconds: float) -> AsyncResult:
-        return self.app.tasks["chaos.locked"].apply_async((key, seconds))
+        return self.send("chaos.locked", key, seconds)
 
     def send_held(self, tag: str, seconds: float) -> AsyncResult:
-        return self.app.tasks["chaos.held"].apply_async((tag, seconds))
+        return self.send("chaos.held", tag, seconds)
 
     def send_unlocked(self, seconds: float) -> AsyncResult:
-        return self.app.tasks["chaos.unlocked"].apply_async((seconds,))
+        return self.send("chaos.unlocked", seconds)
 
-    def release(self, tag: str) -> None:
-        """Let every body held on ``tag`` end, now and later (the token is never used up)."""
-        self.redis.rpush(self.records.release(tag), "go")
-
-    def result(self, task_id: str) -> AsyncResult:
-        return self.app.AsyncResult(task_id)
+    def release_key(self, tag: str) -> str:
+        """``chaos.held`` never uses its go-ahead up: every body of ``tag``, now and later, ends."""
+        return str(self.records.release(tag))
 
     # -- what happened ---------------------------------------------------
 
@@ -286,24 +227,11 @@ class ChaosCluster:
         holder = self.redis.get(self.liveness_keys.sweeper)
         return None if holder is None else str(holder).split("/")[1]
 
-    def received(self, task_name: str, task_id: str) -> int:
-        return sum(node.received(task_name, task_id) for node in self.nodes)
-
-    @property
-    def dlq(self) -> DeadLetterQueue:
-        if self._dlq is None:
-            self._dlq = DeadLetterQueue(self.app)
-        return self._dlq
-
-    def dead_letters(self) -> list[DeadLetter]:
-        return list(self.dlq.iter())
-
     def broker_counts(self) -> tuple[int, int]:
         """(queued, unacked) messages in the Redis broker, in one snapshot."""
-        broker = f"{self.prefix}:broker:"
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.llen(broker + self.queue)
-            pipe.hlen(broker + "unacked")
+            pipe.llen(self.broker_key(self.queue))
+            pipe.hlen(self.broker_key("unacked"))
             queued, unacked = pipe.execute()
         return int(queued), int(unacked)
 
@@ -322,7 +250,7 @@ class ChaosCluster:
 
         wait_until(twice, "every message acked", diagnostics)
 
-    def report(self, *task_ids: str, lines: int = _LOG_TAIL_LINES) -> str:
+    def report(self, *task_ids: str, lines: int | None = None) -> str:
         """Task states, their events and records, broker counts, every node's log tail."""
         queued, unacked = self.broker_counts()
         parts = [
@@ -345,8 +273,7 @@ class ChaosCluster:
         overlaps = self.overlaps()
         if overlaps:
             parts.append(f"overlaps: {overlaps}")
-        parts += [node.report(lines) for node in self.nodes]
-        return "\n".join(parts)
+        return "\n".join([*parts, *self.node_reports(lines)])
 
     def sweeping(
         self, every: float = 0.25

@@ -1,57 +1,37 @@
-"""Real processes for the integration tests: celery workers, a private redis-server.
+"""The integration suite's worker cluster: nodes of ``tests.integration.app``.
 
 Nothing here mocks anything: workers are ``celery -A tests.integration.app worker``
 subprocesses (prefork pool) in their own session, so a test can SIGKILL a pool child
-and teardown can kill the whole process group. Every wait is bounded and fails with
-the worker logs attached.
+and teardown can kill the whole process group (the base, ``tests.support.cluster``, is
+shared with the chaos suite). Every wait is bounded and fails with the worker logs
+attached.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
-from celery import Celery
 from celery.result import AsyncResult
 
-from celery_resilience import DeadLetter, DeadLetterQueue
-from tests.support import workers
-from tests.support.workers import WorkerNode
+from tests.support.cluster import WorkerCluster
+from tests.support.workers import WorkerNode, wait_until
 
 from . import app as app_module
-from .app import Records, create_app
 
-T = TypeVar("T")
+__all__ = ["Cluster", "check_lock_exclusion", "wait_until"]
 
-# Bounds, not expectations: a healthy run is far below each of them.
-READY_TIMEOUT_S = 30.0
-WAIT_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
-COMMAND_TIMEOUT_S = 60.0
 # RabbitMQ: long enough for a stray requeued copy to be delivered and started on an idle node.
 AMQP_GRACE_S = 1.0
-_LOG_TAIL_LINES = 80
 
 
-def wait_until(
-    predicate: Callable[[], T],
-    what: str,
-    diagnostics: Callable[[], str],
-    timeout: float = WAIT_TIMEOUT_S,
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail with diagnostics if never."""
-    return workers.wait_until(predicate, what, diagnostics, timeout)
-
-
-class Cluster:
+class Cluster(WorkerCluster[WorkerNode]):
     """Worker nodes sharing one queue and one Redis prefix, and a client app to publish."""
 
     def __init__(
@@ -67,131 +47,67 @@ class Cluster:
     ) -> None:
         """``settings``: Celery settings of the workers' app (JSON values), set last."""
         self.run_id = uuid.uuid4().hex[:12]
-        self.prefix = f"crtest:{self.run_id}"
-        self.redis_url = redis_url
+        prefix, queue = f"crtest:{self.run_id}", f"crtest.{self.run_id}"
         self.broker_url = broker_url or redis_url
         # RabbitMQ (anything not Redis) cannot be looked into as the Redis broker can.
         self.amqp = not self.broker_url.startswith(("redis://", "rediss://"))
-        self.queue = f"crtest.{self.run_id}"
-        self.logdir = logdir
-        self.env = {
-            **workers.inherited_environment(),
-            app_module.PREFIX: self.prefix,
+        env = {
+            app_module.PREFIX: prefix,
             app_module.BROKER_URL: self.broker_url,
             app_module.RESULT_URL: redis_url,
             app_module.RECORD_URL: redis_url,
             app_module.RESILIENCE_URL: resilience_url or redis_url,
-            app_module.QUEUE: self.queue,
+            app_module.QUEUE: queue,
         }
         if dlq_url is not None:
-            self.env[app_module.DLQ_URL] = dlq_url
+            env[app_module.DLQ_URL] = dlq_url
         if visibility_timeout is not None:
-            self.env[app_module.VISIBILITY_TIMEOUT] = str(visibility_timeout)
+            env[app_module.VISIBILITY_TIMEOUT] = str(visibility_timeout)
         if settings:
-            self.env[app_module.SETTINGS] = json.dumps(dict(settings))
-        self.app: Celery = create_app(self.env)
-        self.records = Records(self.prefix, redis_url)
-        self.redis = self.records.client()
+            env[app_module.SETTINGS] = json.dumps(dict(settings))
+        super().__init__(
+            app_module, prefix=prefix, queue=queue, redis_url=redis_url, logdir=logdir, env=env
+        )
         # The broker's own Redis, where it is not the main one (a private server).
         self.broker_redis: redis.Redis[str] = (
             self.redis
             if self.amqp or self.broker_url == redis_url
             else redis.Redis.from_url(self.broker_url, decode_responses=True, socket_timeout=5)
         )
-        self.workers: list[WorkerNode] = []
-        self._dlq: DeadLetterQueue | None = None
+
+    @property
+    def workers(self) -> list[WorkerNode]:
+        """The nodes started so far (the integration tests' name for them)."""
+        return self.nodes
 
     # -- processes -------------------------------------------------------
 
-    def start(self, *names: str) -> list[WorkerNode]:
-        """Start worker nodes ``names`` together and wait until each logs ``ready.``."""
-        started = [
-            WorkerNode(
-                app_module,
-                f"{name}-{self.run_id}",
-                self.env,
-                self.logdir,
-                queue=self.queue,
-                stop_timeout=STOP_TIMEOUT_S,
-            )
-            for name in names
-        ]
-        self.workers += started
-        for worker in started:
-            worker.wait_ready(READY_TIMEOUT_S, self.report)
-        return started
+    def new_node(self, name: str, **options: Any) -> WorkerNode:
+        return WorkerNode(
+            app_module,
+            f"{name}-{self.run_id}",
+            self.env,
+            self.logdir,
+            queue=self.queue,
+            stop_timeout=self.stop_timeout,
+            **options,
+        )
 
-    @contextlib.contextmanager
-    def running(self, *names: str) -> Iterator[Cluster]:
-        """Start worker nodes ``names``; close the cluster when the block ends."""
-        try:
-            self.start(*names)
-            yield self
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Stop every worker, delete every key of this run, close the clients."""
-        for worker in self.workers:  # all asked at once, then waited for
-            worker.terminate()
-        for worker in self.workers:
-            worker.stop()
-        if self._dlq is not None:
-            self._dlq.backend.close()
-        workers.delete_keys(self.redis, f"{self.prefix}:*")
-        self.redis.close()
+    def clean_up(self) -> None:
+        super().clean_up()
         self.broker_redis.close()
-        self.records.client.close()
         if self.amqp:
             # An AMQP broker keeps the queue (and its exchange) after the workers left.
             with self.app.connection_for_write() as connection:
                 channel = connection.default_channel
                 channel.queue_delete(self.queue)
                 channel.exchange_delete(self.queue)
-        self.app.close()
-
-    def celery(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        """Run ``celery -A <the workers' app> *argv`` as a user would, with the workers' env."""
-        return subprocess.run(
-            workers.celery_command(app_module, *argv),
-            env=workers.command_environment(app_module, self.env),
-            cwd=workers.import_root(app_module),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-            check=False,
-        )
 
     # -- what happened ---------------------------------------------------
 
-    @property
-    def dlq(self) -> DeadLetterQueue:
-        """The dead-letter queue of the workers' app."""
-        if self._dlq is None:
-            self._dlq = DeadLetterQueue(self.app)
-        return self._dlq
-
-    def dead_letters(self, task_id: str) -> list[DeadLetter]:
-        """The DLQ entries of ``task_id``, newest first."""
-        return [entry for entry in self.dlq.iter() if entry.task_id == task_id]
-
-    def logged(self, text: str) -> bool:
-        """Whether any worker's log file contains ``text``."""
-        return any(text in worker.text() for worker in self.workers)
-
-    def send(self, task_name: str, *args: Any, **options: Any) -> AsyncResult:
-        """Publish ``task_name`` through its task object, as a user would."""
-        task = self.app.tasks[task_name]
-        result: AsyncResult = task.apply_async(args, **options)
-        return result
-
-    def result(self, task_id: str) -> AsyncResult:
-        return self.app.AsyncResult(task_id)
-
-    def tag(self) -> str:
-        """A fresh namespace for one test's records and lock keys."""
-        return uuid.uuid4().hex[:10]
+    def release_key(self, tag: str) -> str:
+        """``crt.blocks_until_released`` takes one go-ahead: one body of ``tag`` ends."""
+        return self.records.key(tag, "release")
 
     def records_of(self, tag: str, *parts: object) -> list[str]:
         """The list a task body of test ``tag`` recorded under ``parts``, in order."""
@@ -208,10 +124,6 @@ class Cluster:
             f"{count} body start(s) of {tag}",
             lambda: self.report(*results),
         )
-
-    def release(self, tag: str) -> None:
-        """Let one ``crt.blocks_until_released`` body of test ``tag`` finish."""
-        self.redis.rpush(self.records.key(tag, "release"), "go")
 
     def wait_until_settled(self, result: AsyncResult, tag: str | None = None) -> None:
         """Wait until the broker no longer holds any message of ``result`` (acked).
@@ -267,11 +179,10 @@ class Cluster:
         only meaningful once the task reached its outcome and nothing is in flight.
         """
         assert not self.amqp, "RabbitMQ does not show a client its unacked messages"
-        broker = f"{self.prefix}:broker:"
         needle = json.dumps(task_id)
         with self.broker_redis.pipeline(transaction=True) as pipe:  # one snapshot of both
-            pipe.lrange(f"{broker}{self.queue}", 0, -1)
-            pipe.hvals(f"{broker}unacked")
+            pipe.lrange(self.broker_key(self.queue), 0, -1)
+            pipe.hvals(self.broker_key("unacked"))
             queued, unacked = pipe.execute()
         return any(needle in message for message in [*queued, *unacked])
 
@@ -291,8 +202,7 @@ class Cluster:
                 f"task {result.id}: state={result.state} result={result.result!r} "
                 f"events={self.events(result.id)}"
             )
-        parts += [worker.report(_LOG_TAIL_LINES) for worker in self.workers]
-        return "\n".join(parts)
+        return "\n".join([*parts, *self.node_reports()])
 
 
 def check_lock_exclusion(cluster: Cluster, *, tasks: int, keys: int) -> None:
@@ -341,6 +251,6 @@ def check_lock_exclusion(cluster: Cluster, *, tasks: int, keys: int) -> None:
         )
 
     nodes = {host.split("@")[0] for host in cluster.records_of(tag, "hosts")}
-    assert nodes == {w.name for w in cluster.workers}, (
+    assert nodes == {w.name for w in cluster.nodes}, (
         f"expected every node to run tasks, ran on {nodes}\n{report()}"
     )

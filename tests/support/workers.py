@@ -28,6 +28,9 @@ from kombu import Connection
 T = TypeVar("T")
 
 POLL_S = 0.05
+# The bound of a wait that names none: a healthy run is far below it (the machine may
+# be shared and slow).
+WAIT_TIMEOUT_S = 60.0
 
 
 def _group_alive(pgid: int) -> bool:
@@ -44,7 +47,7 @@ def wait_until(
     predicate: Callable[[], T],
     what: str,
     diagnostics: Callable[[], str],
-    timeout: float,
+    timeout: float = WAIT_TIMEOUT_S,
     poll: float = POLL_S,
 ) -> T:
     """Poll ``predicate`` until it returns something truthy; fail with diagnostics if never."""
@@ -182,6 +185,10 @@ class WorkerNode:
                 f"ready\n{self.report()}"
             )
         return " ready." in self.text()
+
+    def received(self, task_name: str, task_id: str) -> int:
+        """How many times this node received a message of ``task_id`` (its log says so)."""
+        return self.text().count(f"{task_name}[{task_id}] received")
 
     def wait_ready(self, timeout: float, diagnostics: Callable[[], str] | None = None) -> None:
         wait_until(
