@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import group
@@ -38,6 +39,16 @@ def finish(cluster: Cluster, tag: str, *results: AsyncResult) -> None:
     for result in results:
         cluster.release(tag)
         assert result.get(timeout=TIMEOUT_S) == result.id
+
+
+def runs_anew(cluster: Cluster, task: Any, tag: str, previous: AsyncResult, count: int) -> str:
+    """A call now publishes a new task, not ``previous``, whose body is the ``count``-th
+    start of ``tag``; let it end and return its id."""
+    after = task.delay(tag)
+    assert after.id != previous.id
+    cluster.wait_for_starts(tag, count, after)
+    finish(cluster, tag, after)
+    return str(after.id)
 
 
 def test_calls_while_one_is_queued_run_one_body(integration_redis_url: str, tmp_path: Path) -> None:
@@ -82,11 +93,8 @@ def test_finish_mode_publishes_nothing_until_the_task_is_done(redis_cluster: Clu
     redis_cluster.wait_for_starts(tag, 1, first)
     assert {task.delay(tag).id for _ in range(20)} == {first.id}
     finish(redis_cluster, tag, first)
-    after = task.delay(tag)
-    assert after.id != first.id
-    redis_cluster.wait_for_starts(tag, 2, after)
-    finish(redis_cluster, tag, after)
-    assert started_ids(redis_cluster, tag) == [first.id, after.id]
+    after = runs_anew(redis_cluster, task, tag, first, 2)
+    assert started_ids(redis_cluster, tag) == [first.id, after]
 
 
 def test_killed_worker_keeps_the_key_for_the_redelivery(redis_cluster: Cluster) -> None:
@@ -100,11 +108,8 @@ def test_killed_worker_keeps_the_key_for_the_redelivery(redis_cluster: Cluster) 
     redis_cluster.wait_for_starts(tag, 2, first)
     assert {task.delay(tag).id for _ in range(10)} == {first.id}
     finish(redis_cluster, tag, first)
-    after = task.delay(tag)
-    assert after.id != first.id
-    redis_cluster.wait_for_starts(tag, 3, after)
-    finish(redis_cluster, tag, after)
-    assert started_ids(redis_cluster, tag) == [first.id, first.id, after.id]
+    after = runs_anew(redis_cluster, task, tag, first, 3)
+    assert started_ids(redis_cluster, tag) == [first.id, first.id, after]
 
 
 def test_group_members_follow_the_running_task(redis_cluster: Cluster) -> None:
@@ -121,16 +126,14 @@ def test_group_members_follow_the_running_task(redis_cluster: Cluster) -> None:
 
 
 def test_dead_lettered_task_frees_its_key(redis_cluster: Cluster) -> None:
-    """A "finish" task that gives up is kept in the DLQ and its key is free again."""
+    """A "finish" task that gives up is kept in the DLQ and, once it has failed (a call
+    made before then shares its outcome), its key is free again."""
     tag = redis_cluster.tag()
     task = redis_cluster.app.tasks["crt.dedup_fails"]
     first = task.delay(tag)
-    wait_until(
-        lambda: redis_cluster.dead_letters(first.id),
-        "the dead letter",
-        redis_cluster.report,
-        TIMEOUT_S,
-    )
+    with pytest.raises(ValueError, match="invalid input"):
+        first.get(timeout=TIMEOUT_S)
+    assert [entry.reason for entry in redis_cluster.dead_letters(first.id)] == ["error"]
     second = task.delay(tag)
     assert second.id != first.id
     redis_cluster.wait_for_starts(tag, 2, second)
@@ -149,11 +152,8 @@ def test_expired_task_frees_its_key(redis_cluster: Cluster) -> None:
         redis_cluster.report,
         TIMEOUT_S,
     )
-    after = task.delay(tag)
-    assert after.id != first.id
-    redis_cluster.wait_for_starts(tag, 1, after)
-    finish(redis_cluster, tag, after)
-    assert started_ids(redis_cluster, tag) == [after.id]
+    after = runs_anew(redis_cluster, task, tag, first, 1)
+    assert started_ids(redis_cluster, tag) == [after]
 
 
 PRODUCER = textwrap.dedent(
