@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,35 @@ def pctl(values: Sequence[float], q: float) -> float:
     s = sorted(values)
     k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
     return s[k]
+
+
+def timed_rounds(
+    ops: dict[str, Callable[[int], None]], n: int, rounds: int, warmup: int = 200
+) -> dict[str, list[dict[str, float]]]:
+    """Time ``n`` calls of each op per round, the ops interleaved (order rotated each
+    round, so none always runs first on a warm cache); each op gets a fresh integer.
+
+    Returns, per op, each round's ``{"p50_us", "p99_us"}`` (``perf_counter_ns``), after
+    ``warmup`` untimed calls of each (connections, script loading).
+    """
+    names, i = list(ops), 0
+    for name in names:
+        for _ in range(warmup):
+            i += 1
+            ops[name](i)
+    raw: dict[str, list[dict[str, float]]] = {}
+    for rnd in range(rounds):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            op, t_ns = ops[name], []
+            for _ in range(n):
+                i += 1
+                t = time.perf_counter_ns()
+                op(i)
+                t_ns.append(time.perf_counter_ns() - t)
+            raw.setdefault(name, []).append(
+                {"p50_us": pctl(t_ns, 50) / 1e3, "p99_us": pctl(t_ns, 99) / 1e3}
+            )
+    return raw
 
 
 def spread(values: Iterable[float]) -> dict[str, float]:

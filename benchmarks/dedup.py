@@ -25,13 +25,21 @@ import argparse
 import os
 import secrets
 import sys
-import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from celery import Celery
-from common import REDIS_URL, client, delete_keys, log, pctl, spread, versions, write_json
+from common import (
+    REDIS_URL,
+    client,
+    delete_keys,
+    log,
+    spread,
+    timed_rounds,
+    versions,
+    write_json,
+)
 
 from celery_resilience import resilient
 
@@ -83,28 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     run_id = secrets.token_hex(3)
     prefix = f"bench{run_id}:dedup"
     r = client()
-    raw: dict[str, list[dict[str, float]]] = {}
     app, calls = make_calls(prefix)
     try:
-        names, i = list(calls), 0
-        for name in names:  # warm-up: connections, script loading, queue declaration
-            for _ in range(200):
-                i += 1
-                calls[name](i)
         log(f"dedup: {rounds} rounds x {n} .delay() calls per variant ...")
-        for rnd in range(rounds):
-            order = names[rnd % len(names) :] + names[: rnd % len(names)]
-            for name in order:
-                t_ns: list[int] = []
-                call = calls[name]
-                for _ in range(n):
-                    i += 1
-                    t = time.perf_counter_ns()
-                    call(i)
-                    t_ns.append(time.perf_counter_ns() - t)
-                raw.setdefault(name, []).append(
-                    {"p50_us": pctl(t_ns, 50) / 1e3, "p99_us": pctl(t_ns, 99) / 1e3}
-                )
+        raw = timed_rounds(calls, n, rounds)
     finally:
         app.close()
         delete_keys(r, f"*{run_id}*")

@@ -28,7 +28,6 @@ import argparse
 import os
 import secrets
 import sys
-import time
 import uuid
 from collections.abc import Callable
 
@@ -36,7 +35,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import redis
 from celery import Celery
-from common import REDIS_URL, client, delete_keys, log, pctl, spread, versions, write_json
+from common import (
+    REDIS_URL,
+    client,
+    delete_keys,
+    log,
+    spread,
+    timed_rounds,
+    versions,
+    write_json,
+)
 
 Op = Callable[[int], None]
 
@@ -107,29 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     run_id = secrets.token_hex(3)
     prefix = f"bench{run_id}:locks"
     r = client()
-    raw: dict[str, list[dict[str, float]]] = {}
     try:
         ops = make_ops(prefix)
-        names = list(ops)
-        i = 0
-        for name in names:  # warm-up: connections, script loading
-            for _ in range(200):
-                i += 1
-                ops[name](i)
         log(f"locks: {rounds} rounds x {n} acquire+release per library ...")
-        for rnd in range(rounds):
-            order = names[rnd % len(names) :] + names[: rnd % len(names)]
-            for name in order:
-                t_ns: list[int] = []
-                op = ops[name]
-                for _ in range(n):
-                    i += 1
-                    t = time.perf_counter_ns()
-                    op(i)
-                    t_ns.append(time.perf_counter_ns() - t)
-                raw.setdefault(name, []).append(
-                    {"p50_us": pctl(t_ns, 50) / 1e3, "p99_us": pctl(t_ns, 99) / 1e3}
-                )
+        raw = timed_rounds(ops, n, rounds)
     finally:
         delete_keys(r, f"*{run_id}*")
     summary = {
