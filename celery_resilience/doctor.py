@@ -18,13 +18,13 @@ import kombu
 
 from celery_resilience import liveness
 from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
-from celery_resilience.backends.redis import REDIS_SCHEMES, storage
+from celery_resilience.backends.redis import storage
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
 from celery_resilience.liveness import DEFAULT_VISIBILITY_TIMEOUT, REDIS_BROKERS
 from celery_resilience.options import options_of
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import Settings, broker_url, unshared_backend
-from celery_resilience.urls import mask_url
+from celery_resilience.urls import REDIS_SCHEMES, mask_url
 
 _AMQP = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
 DEFAULT_CONSUMER_TIMEOUT = 1800.0  # RabbitMQ >= 3.8.15, seconds

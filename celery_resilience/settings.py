@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_resilience.errors import ConfigurationError
-from celery_resilience.urls import mask_url, validate_url
+from celery_resilience.urls import REDIS_SCHEMES, mask_url, validate_url
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -211,7 +211,7 @@ def load_settings(conf: Mapping[str, Any], environ: Mapping[str, str] | None = N
     url_is_default = "url" not in values
     if url_is_default:
         broker = broker_url(conf)
-        if broker.lower().startswith(("redis://", "rediss://")):
+        if broker.lower().startswith(REDIS_SCHEMES):
             values["url"], names["url"] = broker, "broker_url"
         else:
             values["url"] = "memory://"

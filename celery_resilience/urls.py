@@ -57,7 +57,10 @@ def url_scheme(url: str, setting: str) -> str:
     return parts.scheme.lower()
 
 
-_REDIS_SCHEMES = ("redis", "rediss")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""URL schemes the built-in Redis backends serve (coordination and DLQ)."""
+
+_DB_IN_PATH = ("redis", "rediss")  # schemes whose URL path is a database number
 
 
 def validate_url(url: str, setting: str) -> str:
@@ -68,7 +71,7 @@ def validate_url(url: str, setting: str) -> str:
     is not a database number is a ``ConfigurationError`` naming ``setting``.
     """
     scheme = url_scheme(url, setting)
-    if scheme in _REDIS_SCHEMES:
+    if scheme in _DB_IN_PATH:
         db = urlsplit(url).path.strip("/")
         if db and not db.isdigit():
             raise ConfigurationError(

@@ -17,7 +17,7 @@ from celery_resilience.backends.base import Admission, AdmitResult
 from celery_resilience.errors import BackendUnavailable, MissingExtraError
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.settings import Settings
-from celery_resilience.urls import mask_url
+from celery_resilience.urls import REDIS_SCHEMES, mask_url
 
 if TYPE_CHECKING:
     import redis
@@ -65,9 +65,6 @@ def call(role: str, url: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> 
             f"{role} backend {url} failed during {what}: {type(exc).__name__}: {exc}"
         ) from exc
 
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-"""URL schemes the built-in Redis backends serve (coordination and DLQ)."""
 
 EVICTING = frozenset({
     "allkeys-lru", "allkeys-lfu", "allkeys-random",

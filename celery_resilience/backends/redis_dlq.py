@@ -20,11 +20,11 @@ from celery_resilience.backends.base import (
     score_of,
     to_score,
 )
-from celery_resilience.backends.redis import REDIS_SCHEMES, call, connect, evicting, lua
+from celery_resilience.backends.redis import call, connect, evicting, lua
 from celery_resilience.deadletter import GIVE_UP_REASONS, DeadLetter, MalformedEntry
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.settings import Settings
-from celery_resilience.urls import mask_url
+from celery_resilience.urls import REDIS_SCHEMES, mask_url
 
 
 @functools.cache
