@@ -40,6 +40,17 @@ def record_key(prefix: str, tag: str, what: str) -> str:
     return f"{prefix}:rec:{tag}:{what}"
 
 
+class Records:
+    """Names the Redis keys of one cluster's records (``WorkerCluster`` builds one)."""
+
+    def __init__(self, prefix: str, url: str) -> None:
+        self.prefix = prefix
+        self.client = ProcessRedis(url, socket_timeout=60)
+
+    def key(self, tag: str, what: str) -> str:
+        return record_key(self.prefix, tag, what)
+
+
 def broker_options(env: Mapping[str, str]) -> dict[str, Any]:
     """The broker transport options of the workers of ``env`` (and of the test's sweeper)."""
     return redis_broker_options(

@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from tests.support.workers import (
-    WorkerNode,
-    delete_keys,
-    inherited_environment,
-    restore_sweeper,
-)
+from tests.support.cluster import WorkerCluster
+from tests.support.workers import WorkerNode, restore_sweeper, wait_until
 
 from . import heartbeat_app as hb
 
@@ -43,8 +38,9 @@ def skewed_clock(offset: str) -> list[str]:
     return ["faketime", "-m", "-f", offset]
 
 
-class HeartbeatCluster:
-    """Two nodes sharing one queue and one Redis prefix, and a client app to publish."""
+class HeartbeatCluster(WorkerCluster[WorkerNode]):
+    """Nodes of one concurrency each sharing one queue and one Redis prefix, and a
+    client app to publish."""
 
     def __init__(
         self,
@@ -58,49 +54,46 @@ class HeartbeatCluster:
         settings: Mapping[str, str] = {},
     ) -> None:
         run = uuid.uuid4().hex[:10]
+        prefix, queue = f"hbtest:{run}", f"hbtest.{run}"
         self.label = label
-        self.prefix = f"hbtest:{run}"
-        self.env = {
-            **inherited_environment(),
-            hb.PREFIX: self.prefix,
+        env = {
+            hb.PREFIX: prefix,
             hb.REDIS_URL: redis_url,
-            hb.QUEUE: f"hbtest.{run}",
+            hb.QUEUE: queue,
             hb.VISIBILITY_TIMEOUT: str(visibility_timeout),
             hb.HEARTBEAT: heartbeat,
             hb.FAST_SWEEP: "1" if fast_sweep else "0",
             **settings,
         }
-        self.redis_url = redis_url
-        self.logdir = logdir
-        self.app = hb.create_app(self.env)
-        self.redis: redis.Redis[str] = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.nodes: list[WorkerNode] = []
+        super().__init__(
+            hb, prefix=prefix, queue=queue, redis_url=redis_url, logdir=logdir, env=env
+        )
+
+    def new_node(
+        self, name: str, pool: str = "prefork", wrap: Sequence[str] = (), **env: str
+    ) -> WorkerNode:
+        return WorkerNode(
+            hb,
+            name,
+            {**self.env, **env},
+            self.logdir,
+            queue=self.queue,
+            pool=pool,
+            concurrency=1,
+            wrap=wrap,
+            stop_timeout=self.stop_timeout,
+        )
 
     def spawn(
         self, *pools: str, wrap: Sequence[str] = (), env: Mapping[str, str] = {}
     ) -> list[WorkerNode]:
-        """Start one node per pool; ``wrap`` prefixes their command (``on_host``,
-        ``skewed_clock``), ``env`` adds to their environment."""
+        """Start one node per pool, not waiting; ``wrap`` prefixes their command
+        (``on_host``, ``skewed_clock``), ``env`` adds to their environment."""
         started = []
         for pool in pools:
             name = f"{self.label}{len(self.nodes) + 1}-{pool}-{self.prefix[-6:]}"
-            node = WorkerNode(
-                hb,
-                name,
-                {**self.env, **env},
-                self.logdir,
-                queue=self.env[hb.QUEUE],
-                pool=pool,
-                concurrency=1,
-                wrap=wrap,
-            )
-            self.nodes.append(node)
-            started.append(node)
+            started += super().spawn(name, pool=pool, wrap=wrap, **env)
         return started
-
-    def node(self, name: str) -> WorkerNode:
-        (node,) = [n for n in self.nodes if n.name == name]
-        return node
 
     def send(self, tag: str, seconds: float, **options: Any) -> str:
         """Publish ``hb.held``; return its task id."""
@@ -109,26 +102,37 @@ class HeartbeatCluster:
     def deliveries(self, task_id: str) -> int:
         """How many times the nodes received ``task_id`` (a copy suppressed as a
         duplicate does not start its body, but is received again)."""
-        return sum(node.text().count(f"hb.held[{task_id}] received") for node in self.nodes)
+        return self.received("hb.held", task_id)
 
     def starts(self, tag: str) -> list[tuple[str, float]]:
         """(node, time) of each start of test ``tag``'s body, in order; times are the
         Redis server's, whatever the node's clock."""
-        rows = self.redis.lrange(hb.record_key(self.prefix, tag, "starts"), 0, -1)
+        rows = self.redis.lrange(self.records.key(tag, "starts"), 0, -1)
         return [(node, float(at)) for node, _pid, at in (row.split() for row in rows)]
 
     def completions(self, tag: str) -> list[str]:
-        rows = self.redis.lrange(hb.record_key(self.prefix, tag, "completions"), 0, -1)
+        rows = self.redis.lrange(self.records.key(tag, "completions"), 0, -1)
         return [row.split()[0] for row in rows]
 
+    def release_key(self, tag: str) -> str:
+        return self.records.key(tag, "release")
+
     def release(self, tag: str, times: int = 1) -> None:
-        self.redis.rpush(hb.record_key(self.prefix, tag, "release"), *["go"] * times)
+        self.redis.rpush(self.release_key(tag), *["go"] * times)
 
     def settled(self) -> bool:
         """Nothing queued and nothing unacked: no message can start a body any more."""
-        broker = f"{self.prefix}:broker:"
-        queue = self.env[hb.QUEUE]
-        return not self.redis.llen(broker + queue) and not self.redis.hlen(broker + "unacked")
+        return not self.redis.llen(self.broker_key(self.queue)) and not self.redis.hlen(
+            self.broker_key("unacked")
+        )
+
+    def wait_completed(self, tag: str) -> None:
+        """Wait until test ``tag``'s body completed and its message was acked."""
+        wait_until(
+            lambda: self.completions(tag) and self.settled(),
+            "the task to complete and be acked",
+            lambda: self.report(tag),
+        )
 
     def sweeping(self) -> contextlib.AbstractContextManager[list[BaseException]]:
         """Run kombu's restore sweep every 0.25 s from this process; yields its errors."""
@@ -139,11 +143,4 @@ class HeartbeatCluster:
     def report(self, *tags: str) -> str:
         lines = [f"cluster {self.label}: prefix {self.prefix}"]
         lines += [f"{tag}: starts={self.starts(tag)} done={self.completions(tag)}" for tag in tags]
-        return "\n".join([*lines, *(node.report(60) for node in self.nodes)])
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        delete_keys(self.redis, f"{self.prefix}:*")
-        self.redis.close()
-        self.app.close()
+        return "\n".join([*lines, *self.node_reports(60)])

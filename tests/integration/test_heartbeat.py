@@ -145,11 +145,7 @@ def test_a_killed_nodes_task_runs_again_on_the_other_node_within_a_few_timeouts(
         cluster.release(tag)
     recovery = starts[1][1] - killed_at
     print(f"\nrecovery after SIGKILL: {recovery:.2f} s (visibility timeout {VT:g} s)")
-    wait_until(
-        lambda: cluster.completions(tag) and cluster.settled(),
-        "the task to complete and be acked",
-        lambda: cluster.report(tag),
-    )
+    cluster.wait_completed(tag)
 
     report = cluster.report(tag)
     assert [node for node, _ in cluster.starts(tag)] == [victim_name, starts[1][0]], report

@@ -76,11 +76,7 @@ def test_a_killed_node_on_another_host_has_its_locked_task_back_within_seconds(
         cluster.release(tag)
     recovery = starts[1][1] - killed_at
     print(f"\nrecovery after SIGKILL on another host: {recovery:.2f} s (node TTL 6 s)")
-    wait_until(
-        lambda: cluster.completions(tag) and cluster.settled(),
-        "the task to complete and be acked",
-        lambda: cluster.report(tag),
-    )
+    cluster.wait_completed(tag)
 
     report = cluster.report(tag)
     assert [node for node, _ in starts] == [victim.name.split("@")[0], survivor.name], report
