@@ -8,6 +8,7 @@ says otherwise (``_ms``, ``_us``).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -63,6 +64,20 @@ def pctl(values: Sequence[float], q: float) -> float:
     s = sorted(values)
     k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
     return s[k]
+
+
+def rounds_options(doc: str, each: str, argv: list[str] | None) -> tuple[int, int, str | None]:
+    """Parse the options of a :func:`timed_rounds` script (``--quick``, ``--n``,
+    ``--rounds``, ``--json-out``); ``each`` names what ``--n`` counts. Returns
+    (calls per op and round, rounds, JSON path)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="300 calls x 2 rounds")
+    p.add_argument("--n", type=int, default=2000, help=f"{each} per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json-out")
+    args = p.parse_args(argv)
+    n, rounds = (300, 2) if args.quick else (args.n, args.rounds)
+    return n, rounds, args.json_out
 
 
 def timed_rounds(

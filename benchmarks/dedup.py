@@ -21,7 +21,6 @@ and min-max over rounds, in microseconds, and each variant's p50 over plain's.
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import sys
@@ -35,6 +34,7 @@ from common import (
     client,
     delete_keys,
     log,
+    rounds_options,
     spread,
     timed_rounds,
     versions,
@@ -81,13 +81,7 @@ def make_calls(prefix: str) -> tuple[Celery, dict[str, Call]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--n", type=int, default=2000, help="calls per variant and round")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--json-out")
-    args = p.parse_args(argv)
-    n, rounds = (300, 2) if args.quick else (args.n, args.rounds)
+    n, rounds, json_out = rounds_options(__doc__ or "", "calls per variant", argv)
     run_id = secrets.token_hex(3)
     prefix = f"bench{run_id}:dedup"
     r = client()
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:18} p50 {s['p50_us']['median']:7.1f} us  p99 {s['p99_us']['median']:7.1f} us"
             f"  x{ratios[name]:.2f} of plain"
         )
-    write_json(args.json_out, {"n": n, "rounds": rounds, "summary": summary, "ratios": ratios,
+    write_json(json_out, {"n": n, "rounds": rounds, "summary": summary, "ratios": ratios,
                                "raw": raw, "versions": versions()})  # fmt: skip
     return 0
 

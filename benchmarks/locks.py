@@ -24,7 +24,6 @@ round, median and min-max over rounds, in microseconds.
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import sys
@@ -40,6 +39,7 @@ from common import (
     client,
     delete_keys,
     log,
+    rounds_options,
     spread,
     timed_rounds,
     versions,
@@ -105,13 +105,7 @@ def make_ops(prefix: str) -> dict[str, Op]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--n", type=int, default=2000, help="operations per library and round")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--json-out")
-    args = p.parse_args(argv)
-    n, rounds = (300, 2) if args.quick else (args.n, args.rounds)
+    n, rounds, json_out = rounds_options(__doc__ or "", "operations per library", argv)
     run_id = secrets.token_hex(3)
     prefix = f"bench{run_id}:locks"
     r = client()
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         name: {k: spread(x[k] for x in rr) for k in ("p50_us", "p99_us")}
         for name, rr in raw.items()
     }
-    write_json(args.json_out, {"n": n, "rounds": rounds, "summary": summary, "raw": raw,
+    write_json(json_out, {"n": n, "rounds": rounds, "summary": summary, "raw": raw,
                                "versions": versions()})  # fmt: skip
     return 0
 
