@@ -35,8 +35,10 @@ _POSITIONAL = ("args", "kwargs", "task_id", "producer", "link", "link_error", "s
 # Options Celery's canvas passes when a call is a step of a chain, a member of a
 # group or chord, or has callbacks: its task id is fixed and awaited, so a collapsed
 # call is published as a follower of the pending task (headers.FOLLOWS), which
-# returns that task's result under its own id.
-_CANVAS = ("chain", "chord", "group_id", "link", "link_error")
+# returns that task's result under its own id. A chain's later steps are published
+# by the worker with only parent_id and root_id (celery/app/trace.py, 5.3-5.7); a
+# plain call from a task body gets its parent id from send_task, not as an option.
+_CANVAS = ("chain", "chord", "group_id", "link", "link_error", "parent_id", "root_id")
 
 
 class Dedup:

@@ -162,10 +162,13 @@ def test_canvas_members_are_published_as_followers(app: Celery) -> None:
     steps = chain(sync.s(5), sync.si(6)).apply_async()
     own = [r.id for r in members.results] + [steps.parent.id]
     assert pending.id not in own
+    # A chain's later step, as the worker publishes it when the step before ends.
+    later = sync.apply_async((5,), parent_id=steps.parent.id, root_id=steps.parent.id)
+    own.append(later.id)
     follows = {h["id"]: h.get(headers.FOLLOWS) for h in messages(app)}
-    assert [follows[tid][0] for tid in own] == [pending.id] * 3
+    assert [follows[tid][0] for tid in own] == [pending.id] * 4
     assert follows[pending.id] is None
-    assert len(follows) == 4
+    assert len(follows) == 5
 
 
 @pytest.mark.parametrize(
