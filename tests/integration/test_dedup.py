@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import group
+from celery import chain, group
 from celery.result import AsyncResult
 
 from tests.support import workers
@@ -112,16 +112,26 @@ def test_killed_worker_keeps_the_key_for_the_redelivery(redis_cluster: Cluster) 
     assert started_ids(redis_cluster, tag) == [first.id, first.id, after]
 
 
-def test_group_members_follow_the_running_task(redis_cluster: Cluster) -> None:
-    """A group of 3 identical calls while a "finish" task runs: no body of theirs runs,
-    and the group's result is the running task's value, 3 times."""
+def test_group_and_chain_members_follow_the_running_task(redis_cluster: Cluster) -> None:
+    """A group of 3 identical calls and a chain ending in one, while a "finish" task
+    runs: no body of theirs runs, and their results are the running task's value."""
     tag = redis_cluster.tag()
     task = redis_cluster.app.tasks["crt.dedup_until_finish"]
     first = task.delay(tag)
     redis_cluster.wait_for_starts(tag, 1, first)
     members = group(task.s(tag) for _ in range(3)).apply_async()
+    before = redis_cluster.app.tasks["crt.records_its_body"].si(redis_cluster.tag(), 0)
+    steps = chain(before, task.si(tag)).apply_async()  # the worker publishes the 2nd step
+    steps.parent.get(timeout=TIMEOUT_S)
+    wait_until(
+        lambda: redis_cluster.received("crt.dedup_until_finish", steps.id),
+        "the chain's second step, published while the first task runs",
+        redis_cluster.report,
+        TIMEOUT_S,
+    )
     finish(redis_cluster, tag, first)
     assert members.get(timeout=TIMEOUT_S) == [first.id] * 3
+    assert steps.get(timeout=TIMEOUT_S) == first.id
     assert started_ids(redis_cluster, tag) == [first.id]
 
 
