@@ -26,6 +26,7 @@ from celery_resilience.errors import BackendUnavailable, DuplicateTask
 from celery_resilience.locks import LockKey, LockSpec
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
+from celery_resilience.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -129,31 +130,38 @@ class Dedup:
         """The backend's key: one task's keys never meet another task's."""
         return f"{self.task_name}:{key}"
 
+    def ttl_of(self, settings: Settings) -> float:
+        """Seconds a key of this task lives unreleased: ``dedup_ttl=``, else the setting."""
+        return self.ttl or settings.dedup_ttl
+
     def _claim(self, rt: Runtime, key: str, task_id: str) -> str | None:
-        ttl, stored = self.ttl or rt.settings.dedup_ttl, self._stored(key)
+        ttl, stored = self.ttl_of(rt.settings), self._stored(key)
         holder = rt.backend.dedup_claim(stored, task_id, ttl=ttl)
         if holder is not None and _done(rt.app, holder):
             holder = rt.backend.dedup_claim(stored, task_id, ttl=ttl, stale=holder)
         return holder
 
-    def started(self, rt: Runtime, key: str, task_id: str) -> None:
+    def started(self, rt: Runtime, key: str, task_id: str) -> bool:
         """The task holding ``key`` starts its body: ``"start"`` frees the key, ``"finish"``
         keeps it ``dedup_ttl`` from now (the TTL counted from the publish would cut
-        short a task that waited long in its queue). Errors are logged."""
+        short a task that waited long in its queue). Errors are logged.
+
+        Returns True when the task is done with the key (``"start"``, the backend
+        answered): nothing needs freeing at its end.
+        """
         if self.until == "start":
-            self.release(rt, key, task_id)
-            return
+            return self.release(rt, key, task_id)
         try:
-            rt.backend.dedup_claim(
-                self._stored(key), task_id, ttl=self.ttl or rt.settings.dedup_ttl
-            )
+            rt.backend.dedup_claim(self._stored(key), task_id, ttl=self.ttl_of(rt.settings))
         except BackendUnavailable as exc:
             logger.error(
                 "celery-resilience: could not extend dedup key %r of task %s: %s", key, task_id, exc
             )
+        return False
 
-    def release(self, rt: Runtime, key: str, task_id: str) -> None:
-        """Free ``key`` if ``task_id`` holds it; an error is logged (the TTL frees it)."""
+    def release(self, rt: Runtime, key: str, task_id: str) -> bool:
+        """Free ``key`` if ``task_id`` holds it. Returns whether the backend answered; an
+        error is logged (the TTL frees the key)."""
         try:
             rt.backend.dedup_release(self._stored(key), task_id)
         except BackendUnavailable as exc:
@@ -164,6 +172,8 @@ class Dedup:
                 task_id,
                 exc,
             )
+            return False
+        return True
 
 
 def results_kept(app: Any) -> bool:

@@ -149,8 +149,9 @@ class Delivery:
                 "resilience_redelivery_seen", attempt=self.attempt, deliveries=self.deliveries
             )
         if admitted.admission is Admission.ADMITTED:
-            if self.gate.dedup is not None and self.dedup_key is not None:
-                self.gate.dedup.started(self.rt, self.dedup_key, self.task_id)
+            dedup, key = self.gate.dedup, self.dedup_key
+            if dedup is not None and key is not None and dedup.started(self.rt, key, self.task_id):
+                self.dedup_key = None  # freed: no release at the end
             return self.run_body(admitted)
         if admitted.admission is Admission.DUPLICATE:
             self.free_dedup_key()
@@ -200,7 +201,7 @@ class Delivery:
         if state == states.SUCCESS:
             return True, result.result
         dedup = self.gate.dedup
-        ttl = (dedup.ttl if dedup is not None else None) or self.rt.settings.dedup_ttl
+        ttl = dedup.ttl_of(self.rt.settings) if dedup is not None else self.rt.settings.dedup_ttl
         if state in states.READY_STATES or time.time() - since > ttl:
             return False, None
         self.postpone("following", _RUNNING_BACKOFF.delay(self.waits))

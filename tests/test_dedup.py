@@ -245,6 +245,31 @@ def test_eager_calls_run_one_after_another(until: str) -> None:
         assert key_is_free(app, sync, "sync:2")
 
 
+@pytest.mark.parametrize(("until", "expected"), [("start", 1), ("finish", 2)])
+def test_a_run_makes_one_backend_call_per_step(
+    until: str, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per run, beside the publish's claim: "start" releases once, as the body starts;
+    "finish" sets the TTL afresh at the start and releases at the end."""
+    with eager_app() as app:
+
+        @resilient(dedup="sync:{repoid}", dedup_until=until)
+        @app.task(shared=False)
+        def sync(repoid: int) -> int:
+            return repoid
+
+        backend = runtime(app).backend
+        calls: list[str] = []
+        for name in ("dedup_claim", "dedup_release"):
+            real = getattr(backend, name)
+            monkeypatch.setattr(
+                backend, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1]
+            )
+        assert sync.delay(3).get() == 3
+        assert len(calls) == 1 + expected, calls
+        assert key_is_free(app, sync, "sync:3")
+
+
 def test_eager_give_up_frees_the_key() -> None:
     """A task that gives up frees its "finish" key (eager: the exception propagates)."""
     with eager_app() as app:
