@@ -4,8 +4,10 @@ The key lives in the coordination backend and names the task id that holds it.
 ``Dedup.apply_async`` takes it (one atomic step) before publishing; the gate frees
 it when the task starts (``dedup_until="start"``) or is done (``"finish"``), and a
 worker that discards the task as revoked or expired frees it too. A key whose holder
-already has a ready result does not block: the call takes it over. ``dedup_ttl`` is
-the backstop for a holder nobody will run (a purged queue).
+already has a ready result, or (on a Redis broker) whose message is neither queued nor
+unacked (purged, lost with the broker's data), does not block: the call takes it
+over. ``dedup_ttl`` is the backstop for a holder that cannot be looked for (an AMQP
+broker, more than ``pending.MOST_SCANNED`` messages to read).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ _POSITIONAL = ("args", "kwargs", "task_id", "producer", "link", "link_error", "s
 _CANVAS = ("chain", "chord", "group_id", "link", "link_error", "parent_id", "root_id")
 
 
+RECHECK = 5.0
+"""Seconds between two looks, from one process, for the message of one key's holder
+in the broker (``Dedup._lost``); one look reads at most ``pending.MOST_SCANNED``
+messages on the broker's Redis."""
+
+
 class Dedup:
     """The ``dedup=`` of one task: renders its key and decides each publish."""
 
@@ -60,6 +68,7 @@ class Dedup:
         self.until = until
         self.ttl = ttl
         self.on_duplicate = on_duplicate
+        self._seen: dict[tuple[str, str], float] = {}  # (key, holder) -> seen, or found, at
 
     def key_of(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> str:
         """The rendered key of a call; ``ConfigurationError`` if the arguments do not fit."""
@@ -89,7 +98,7 @@ class Dedup:
         options["task_id"] = task_id
         rt = runtime(task.app)
         try:
-            holder = self._claim(rt, key, task_id)
+            holder = self._claim(rt, key, task_id, lambda: _queues(task, options))
         except BackendUnavailable as exc:
             logger.warning(
                 "celery-resilience: could not deduplicate %s (key %r), publishing it: %s",
@@ -134,12 +143,42 @@ class Dedup:
         """Seconds a key of this task lives unreleased: ``dedup_ttl=``, else the setting."""
         return self.ttl or settings.dedup_ttl
 
-    def _claim(self, rt: Runtime, key: str, task_id: str) -> str | None:
+    def _claim(
+        self, rt: Runtime, key: str, task_id: str, queues: Callable[[], list[str]]
+    ) -> str | None:
+        """Take ``key`` for ``task_id``: None when taken, else the pending holder. A
+        holder whose result is ready, or whose message is gone from the broker, is taken
+        over."""
         ttl, stored = self.ttl_of(rt.settings), self._stored(key)
         holder = rt.backend.dedup_claim(stored, task_id, ttl=ttl)
-        if holder is not None and _done(rt.app, holder):
+        if holder is not None and (_done(rt.app, holder) or self._lost(rt, stored, holder, queues)):
             holder = rt.backend.dedup_claim(stored, task_id, ttl=ttl, stale=holder)
         return holder
+
+    def _lost(self, rt: Runtime, stored: str, holder: str, queues: Callable[[], list[str]]) -> bool:
+        """Whether ``holder``'s message is in neither its queues nor unacked (purged,
+        lost with the broker's data). Looked for at most every ``RECHECK`` seconds per
+        key from this process, and first ``RECHECK`` seconds after this process first
+        saw the holder (its producer takes the key before it publishes: a holder's
+        message may not be in the broker yet). An unknown answer keeps the key."""
+        now = time.monotonic()
+        if len(self._seen) >= 10_000:  # a bound on memory; forgetting only delays a look
+            self._seen.clear()
+        seen = self._seen.setdefault((stored, holder), now)
+        if now - seen < RECHECK:
+            return False
+        found = rt.pending.holds(holder, queues())
+        if found is not False:
+            self._seen[(stored, holder)] = now
+            return False
+        self._seen.pop((stored, holder), None)
+        logger.info(
+            "celery-resilience: task %s holding dedup key %r is no longer in the broker "
+            "(purged?): the call takes the key",
+            holder,
+            stored,
+        )
+        return True
 
     def started(self, rt: Runtime, key: str, task_id: str) -> bool:
         """The task holding ``key`` starts its body: ``"start"`` frees the key, ``"finish"``
@@ -174,6 +213,21 @@ class Dedup:
             )
             return False
         return True
+
+
+def _queues(task: Any, options: Mapping[str, Any]) -> list[str]:
+    """The queues a pending task of this call may wait in: where this call is routed
+    (another call with other routing options may have gone elsewhere) and every queue
+    the app declares."""
+    names = list(task.app.amqp.queues)
+    try:
+        routed = task.app.amqp.router.route(
+            dict(options), task.name, options.get("args"), options.get("kwargs")
+        )
+        names.insert(0, routed["queue"].name)
+    except Exception:  # a router that cannot route this: the declared queues only
+        names.insert(0, options.get("queue") or task.app.conf.task_default_queue)
+    return names
 
 
 def results_kept(app: Any) -> bool:

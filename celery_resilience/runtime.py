@@ -20,6 +20,7 @@ from celery_resilience import liveness
 from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
 from celery_resilience.errors import ConfigurationError
 from celery_resilience.liveness.holders import ProcessPresence
+from celery_resilience.liveness.pending import Pending
 from celery_resilience.plugins import get_plugin_manager
 from celery_resilience.settings import Settings, load_settings
 from celery_resilience.urls import mask_url
@@ -39,6 +40,7 @@ class Runtime:
     _backend: CoordinationBackend | None = None
     _dlq: DeadLetterBackend | None = None
     _presence: ProcessPresence | None = None
+    _pending: Pending | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -73,6 +75,15 @@ class Runtime:
                         settings.node_ttl,
                     )
         return self._presence
+
+    @property
+    def pending(self) -> Pending:
+        """Looks for task ids in the app's broker (Redis only), built on first use."""
+        if self._pending is None:
+            with self._lock:
+                if self._pending is None:
+                    self._pending = Pending(self.app)
+        return self._pending
 
     def cap_countdown(self, seconds: float) -> float:
         """Clamp a retry countdown so the broker does not deliver the task twice.

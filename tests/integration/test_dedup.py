@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from celery import chain, group
 from celery.result import AsyncResult
 
+from celery_resilience import dedup
 from tests.support import workers
 
 from . import app as app_module
@@ -66,6 +68,51 @@ def test_calls_while_one_is_queued_run_one_body(integration_redis_url: str, tmp_
         assert started_ids(cluster, tag) == [results[0].id]
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("name", ["crt.dedup_until_start", "crt.dedup_until_finish"])
+def test_a_purged_holder_does_not_block(
+    integration_redis_url: str, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queued holder's message is purged: a call made a recheck interval later
+    publishes at once (not after dedup_ttl), and only that task's body runs."""
+    monkeypatch.setattr(dedup, "RECHECK", 1.0)
+    cluster = Cluster(redis_url=integration_redis_url, logdir=tmp_path)
+    try:
+        tag = cluster.tag()
+        task = cluster.app.tasks[name]
+        first = task.delay(tag)
+        assert task.delay(tag).id == first.id  # queued: collapsed, and first seen now
+        cluster.redis.delete(cluster.broker_key(cluster.queue))  # what `celery purge` does
+        time.sleep(1.2)
+        after = task.delay(tag)
+        assert after.id != first.id
+        assert task.delay(tag).id == after.id  # the new holder is queued: collapsed
+        assert cluster.redis.llen(cluster.broker_key(cluster.queue)) == 1
+        cluster.start("dedup1")
+        finish(cluster, tag, after)
+        assert started_ids(cluster, tag) == [after.id]
+    finally:
+        cluster.close()
+
+
+def test_a_running_holder_keeps_its_key_past_the_recheck(
+    redis_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "finish": a running task's message is unacked, not queued: calls made after
+    several recheck intervals still collapse into it."""
+    monkeypatch.setattr(dedup, "RECHECK", 0.3)
+    tag = redis_cluster.tag()
+    task = redis_cluster.app.tasks["crt.dedup_until_finish"]
+    first = task.delay(tag)
+    redis_cluster.wait_for_starts(tag, 1, first)
+    calls = set()
+    for _ in range(5):
+        calls |= {task.delay(tag).id for _ in range(3)}
+        time.sleep(0.35)
+    assert calls == {first.id}
+    finish(redis_cluster, tag, first)
+    assert started_ids(redis_cluster, tag) == [first.id]
 
 
 def test_start_mode_calls_while_it_runs_make_one_more_run(redis_cluster: Cluster) -> None:
