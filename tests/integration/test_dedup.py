@@ -25,6 +25,7 @@ from tests.support import workers
 
 from . import app as app_module
 from .harness import Cluster, wait_until
+from .heartbeat_cluster import on_host
 
 pytestmark = pytest.mark.integration
 
@@ -157,6 +158,31 @@ def test_killed_worker_keeps_the_key_for_the_redelivery(redis_cluster: Cluster) 
     finish(redis_cluster, tag, first)
     after = runs_anew(redis_cluster, task, tag, first, 3)
     assert started_ids(redis_cluster, tag) == [first.id, first.id, after]
+
+
+def test_killed_node_on_another_host_keeps_the_key_for_the_redelivery(
+    integration_redis_url: str, tmp_path: Path
+) -> None:
+    """A whole node SIGKILLed under its own host name while its "finish" task runs: the
+    task comes back on another node by liveness with the same task id, calls made
+    meanwhile collapse into it, and once it is done a call publishes at once."""
+    cluster = Cluster(redis_url=integration_redis_url, logdir=tmp_path)
+    try:
+        tag = cluster.tag()
+        task = cluster.app.tasks["crt.dedup_until_finish"]
+        (victim,) = cluster.start("victim", wrap=on_host("pod-dedup-victim"))
+        first = task.delay(tag)
+        cluster.wait_for_starts(tag, 1, first)
+        victim.kill()
+        assert {task.delay(tag).id for _ in range(10)} == {first.id}
+        cluster.start("rescuer")
+        cluster.wait_for_starts(tag, 2, first)
+        assert {task.delay(tag).id for _ in range(10)} == {first.id}
+        finish(cluster, tag, first)
+        after = runs_anew(cluster, task, tag, first, 3)
+        assert started_ids(cluster, tag) == [first.id, first.id, after]
+    finally:
+        cluster.close()
 
 
 def test_group_and_chain_members_follow_the_running_task(redis_cluster: Cluster) -> None:
