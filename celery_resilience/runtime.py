@@ -98,7 +98,9 @@ class Runtime:
         return seconds
 
 
-_BUILT_IN_SCHEMES = "memory://, redis://, rediss://, unix://"
+_BUILT_IN_SCHEMES = (
+    "memory://, redis://, rediss://, unix://, sentinel://, redis+cluster://, rediss+cluster://"
+)
 _BUILT_IN_PLUGINS = {
     "celery_resilience.backends.memory",
     "celery_resilience.backends.memory_dlq",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_resilience.backends.clients import TRANSPORT_OPTIONS
 from celery_resilience.errors import ConfigurationError
-from celery_resilience.urls import REDIS_SCHEMES, mask_url, validate_url
+from celery_resilience.urls import REDIS_SCHEMES, SENTINEL_SCHEME, mask_url, validate_url
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -35,6 +37,8 @@ class Settings:
     prometheus_addr: str = "0.0.0.0"
     dlq_mask_args: tuple[str, ...] = ()
     dlq_replay_rate: float = 50.0
+    transport_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    lock_replicas: int = 0
     url_is_default: bool = False
     names: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
@@ -114,6 +118,22 @@ def _as_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _as_options(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, Mapping) or not set(value) <= set(TRANSPORT_OPTIONS):
+        raise ValueError
+    for key in ("sentinel_kwargs", "connection_kwargs"):
+        if not isinstance(value.get(key) or {}, Mapping):
+            raise ValueError
+    return dict(value)
+
+
+_as_options.__doc__ = (
+    f"a dict (or its JSON) with only the keys {', '.join(TRANSPORT_OPTIONS)}; "
+    "sentinel_kwargs and connection_kwargs dicts"
+)
+
 # setting name (without the resilience_ prefix) -> converter; the converter's
 # docstring says what was expected.
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
@@ -134,6 +154,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "prometheus_addr": _as_text,
     "dlq_mask_args": _as_names,
     "dlq_replay_rate": _as_rate,
+    "transport_options": _as_options,
+    "lock_replicas": _as_int(0),
 }
 
 SETTING_NAMES = tuple(f"resilience_{name}" for name in _CONVERTERS)
@@ -190,9 +212,14 @@ def _lookup(conf: Mapping[str, Any], environ: Mapping[str, str], name: str) -> A
 
 def broker_url(conf: Mapping[str, Any]) -> str:
     """The app's first broker URL, or ``""``: Celery's ``app.conf.broker_url`` also
-    reads the environment variable ``CELERY_BROKER_URL``, which a plain key lookup misses."""
+    reads the environment variable ``CELERY_BROKER_URL``, which a plain key lookup misses.
+    A Sentinel URL is returned whole: its ``;``-separated chunks are its sentinels."""
     url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
-    return url.split(";")[0].strip() if isinstance(url, str) else ""
+    if not isinstance(url, str):
+        return ""
+    if url.strip().lower().startswith(SENTINEL_SCHEME):  # its ;-list is the sentinels
+        return url.strip()
+    return url.split(";")[0].strip()
 
 
 def load_settings(conf: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
@@ -219,7 +246,31 @@ def load_settings(conf: Mapping[str, Any], environ: Mapping[str, str] | None = N
         values["dlq_url"], names["dlq_url"] = values["url"], names["url"]
     validate_url(values["url"], names["url"])
     validate_url(values["dlq_url"], names["dlq_url"])
+    if url_is_default and "transport_options" not in values and names["url"] == "broker_url":
+        values["transport_options"] = _broker_options(conf)
+        names["transport_options"] = "broker_transport_options"
+    _require_master_name(values, names)
     return Settings(url_is_default=url_is_default, names=names, **values)
+
+
+def _broker_options(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """What of ``broker_transport_options`` the backends' clients read (Sentinel's)."""
+    options = conf.get("broker_transport_options") or {}
+    return {key: options[key] for key in TRANSPORT_OPTIONS if key in options}
+
+
+def _require_master_name(values: Mapping[str, Any], names: Mapping[str, str]) -> None:
+    """A Sentinel URL needs ``master_name``: say so at load, naming the settings."""
+    options = values.get("transport_options") or {}
+    for name in ("url", "dlq_url"):
+        url = values[name]
+        if url.lower().startswith(SENTINEL_SCHEME) and not options.get("master_name"):
+            where = names.get("transport_options", "resilience_transport_options")
+            raise ConfigurationError(
+                f"setting {names[name]}={mask_url(url)!r} is a Sentinel URL, but {where} "
+                "sets no master_name: expected {'master_name': '<the name the sentinels "
+                "monitor>'}"
+            )
 
 
 def unshared_backend(settings: Settings, conf: Mapping[str, Any]) -> tuple[str, str] | None:

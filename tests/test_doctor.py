@@ -21,6 +21,11 @@ from tests.support.acl import acl_user
 ROOT = Path(__file__).resolve().parents[1]
 AMQP_URL = os.environ.get("CELERY_RESILIENCE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
+SERVED = (
+    "(served: memory://, redis://, rediss://, unix://, sentinel://, redis+cluster://, "
+    "rediss+cluster://)"
+)
+
 
 def make_app(**conf: object) -> Celery:
     """A Redis-broker app with one resilient task and the given settings."""
@@ -176,7 +181,7 @@ def test_typo_in_the_scheme_is_reported_against_the_setting_the_user_set() -> No
     (finding,) = diagnose(make_app(resilience_url="redsi://127.0.0.1:6379/15"))
     assert finding.setting == "resilience_url"
     assert "no installed coordination backend serves the scheme redsi://" in finding.problem
-    assert "(served: memory://, redis://, rediss://, unix://)" in finding.problem
+    assert SERVED in finding.problem
 
 
 def test_long_backoff_without_heartbeat_is_reported() -> None:

@@ -11,6 +11,11 @@ from celery_resilience import ConfigurationError
 from celery_resilience.runtime import runtime
 from celery_resilience.settings import SETTING_NAMES, load_settings, require_shared_backend
 
+SERVED = (
+    "(served: memory://, redis://, rediss://, unix://, sentinel://, redis+cluster://, "
+    "rediss+cluster://)"
+)
+
 
 def test_defaults_without_any_setting_use_memory_and_spec_values() -> None:
     """With nothing set and a non-Redis broker, defaults are the documented ones."""
@@ -201,5 +206,5 @@ def test_typod_scheme_names_the_setting_the_user_set_on_first_use() -> None:
             build()
         assert str(info.value) == (
             f"setting resilience_url='redsi://127.0.0.1:6379/15': no installed {role} backend "
-            "serves the scheme redsi:// (served: memory://, redis://, rediss://, unix://)"
+            f"serves the scheme redsi:// {SERVED}"
         )

@@ -86,4 +86,4 @@ def test_worker_with_a_typod_scheme_names_the_setting_the_user_set(
     assert code == 1, text
     (line,) = [line for line in text.splitlines() if "CRITICAL" in line]
     assert "celery-resilience: setting resilience_url='redsi://h:6379/0': no installed" in line
-    assert "(served: memory://, redis://, rediss://, unix://)" in line
+    assert "unix://, sentinel://, redis+cluster://, rediss+cluster://)" in line

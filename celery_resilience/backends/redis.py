@@ -1,26 +1,31 @@
-"""``redis://``, ``rediss://`` and ``unix://``: the coordination backend on Redis or Valkey.
+"""The coordination backend on Redis or Valkey: one server, Sentinel or Cluster.
 
 Each operation that must be atomic is one Lua script (``lua/*.lua`` beside this
 module, each with its KEYS and ARGV in its header), so a successful delivery costs
 two round trips: ``admit`` before the body and ``finish`` after it (a body longer than
 a third of the lease TTL adds one renewal per third).
+
+Every key a script touches is in its KEYS. On Redis Cluster a delivery's keys carry
+one hash tag, so that they share a slot: its lock key when the task has a lock (the
+lock and fencing counter are one per key, and every task id under that lock meets
+them in one slot), else its task id. On one server and on Sentinel the names carry no
+tag and are those of earlier releases, so that a rolling upgrade shares its leases.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery_resilience.backends.base import Admission, AdmitResult
-from celery_resilience.errors import BackendUnavailable, MissingExtraError
+from celery_resilience.backends.clients import connect, is_cluster
+from celery_resilience.errors import BackendUnavailable
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.settings import Settings
 from celery_resilience.urls import REDIS_SCHEMES, mask_url
-
-if TYPE_CHECKING:
-    import redis
 
 _STATUS = {
     0: Admission.ADMITTED,
@@ -31,36 +36,15 @@ _STATUS = {
 }
 
 
-def connect(url: str, role: str) -> redis.Redis:
-    """Return a client for ``url`` (no connection is made until first use).
-
-    ``role`` names the backend role in errors. Timeouts are 5 s so a dead server
-    fails an operation instead of hanging the worker.
-    """
-    try:
-        import redis
-    except ImportError:
-        raise MissingExtraError(
-            f"{role} backend {mask_url(url)} needs redis-py: pip install 'celery-resilience[redis]'"
-        ) from None
-    try:
-        return redis.Redis.from_url(
-            url, socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30
-        )
-    except ValueError as exc:
-        from celery_resilience.errors import ConfigurationError
-
-        raise ConfigurationError(f"{role} backend URL {mask_url(url)!r}: {exc}") from None
-
-
 def call(role: str, url: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run one Redis operation; a redis-py error becomes ``BackendUnavailable`` naming
     the backend ``role``, its masked ``url`` and the operation."""
     import redis
+    from redis.exceptions import RedisClusterException  # not a RedisError (redis-py 4.5-8)
 
     try:
         return fn(*args, **kwargs)
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         raise BackendUnavailable(
             f"{role} backend {url} failed during {what}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -89,29 +73,36 @@ class Storage:
     eviction_policy: str | None
 
 
-def storage(url: str, role: str) -> Storage:
-    """Ask the Redis at ``url`` how it keeps data (``CONFIG GET``, three round trips).
+def storage(url: str, role: str, options: Mapping[str, Any] | None = None) -> Storage:
+    """Ask the Redis at ``url`` how it keeps data (``CONFIG GET``, three round trips; on
+    a Cluster, of every primary, and the least durable answer counts).
 
     Raises ``BackendUnavailable`` naming ``role`` and the masked URL when the server
     cannot be asked: unreachable, or ``CONFIG`` refused by an ACL or a managed service.
     """
-    client = connect(url, role)
+    client = connect(url, role, options)
     try:
-
-        def read() -> dict[Any, Any]:
-            return {
-                **client.config_get("appendonly"),
-                **client.config_get("save"),
-                **client.config_get("maxmemory-policy"),
-            }
-
-        config: dict[Any, Any] = call(role, mask_url(url), "CONFIG GET", read)
+        configs: list[dict[Any, Any]] = call(role, mask_url(url), "CONFIG GET", _configs, client)
     finally:
         client.close()
-    return Storage(
-        persistent=config.get("appendonly") == "yes" or bool(config.get("save", "").strip()),
-        eviction_policy=evicting(config.get("maxmemory-policy")),
-    )
+    kept = [c.get("appendonly") == "yes" or bool(c.get("save", "").strip()) for c in configs]
+    policies = [evicting(c.get("maxmemory-policy")) for c in configs]
+    return Storage(persistent=all(kept), eviction_policy=next((p for p in policies if p), None))
+
+
+def _configs(client: Any) -> list[dict[Any, Any]]:
+    """The persistence and eviction settings of each server behind ``client``."""
+    targets = [client]
+    if hasattr(client, "get_primaries"):  # RedisCluster: ask each primary itself
+        targets = [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [
+        {
+            **target.config_get("appendonly"),
+            **target.config_get("save"),
+            **target.config_get("maxmemory-policy"),
+        }
+        for target in targets
+    ]
 
 
 @functools.cache
@@ -124,34 +115,59 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-class RedisCoordinationBackend:
-    """``celery_resilience.backends.base.CoordinationBackend`` on Redis."""
+WAIT_TIMEOUT_MS = 1000
+"""How long an acquisition waits for ``resilience_lock_replicas`` replicas to confirm it."""
 
-    def __init__(self, url: str, key_prefix: str = "celery_resilience") -> None:
+
+class RedisCoordinationBackend:
+    """``celery_resilience.backends.base.CoordinationBackend`` on Redis.
+
+    ``options`` are the transport options (Sentinel's master name, ...); ``cluster``
+    forces the Cluster key names (hash-tagged) on or off, by default on for a Cluster
+    URL. With
+    ``replicas`` > 0 every admission is followed, on the same connection, by ``WAIT
+    replicas WAIT_TIMEOUT_MS``; an acquisition fewer replicas confirmed is released
+    and raises ``BackendUnavailable`` (the gate retries, then requeues: not acquired).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str = "celery_resilience",
+        *,
+        options: Mapping[str, Any] | None = None,
+        replicas: int = 0,
+        cluster: bool | None = None,
+    ) -> None:
         self.url = mask_url(url)
         self._prefix = key_prefix
-        self._client = connect(url, "coordination")
+        self._cluster = is_cluster(url) if cluster is None else cluster
+        self._replicas = replicas
+        self._client = connect(url, "coordination", options)
         self._admit = self._client.register_script(lua("admit"))
         self._finish = self._client.register_script(lua("finish"))
         self._renew = self._client.register_script(lua("renew"))
         self._release = self._client.register_script(lua("release"))
         self._claim = self._client.register_script(lua("dedup_claim"))
 
+    def _base(self, task_id: str, lock_key: str | None) -> str:
+        """The start of a delivery's key names: the prefix, and on Cluster its hash tag."""
+        if not self._cluster:
+            return self._prefix
+        tag = f"lock:{lock_key}" if lock_key is not None else f"task:{task_id}"
+        return f"{self._prefix}:{{{tag}}}"
+
     def _keys(self, task_id: str, lock_key: str | None) -> list[str]:
-        p = self._prefix
-        keys = [
-            f"{p}:done:{task_id}",
-            f"{p}:run:{task_id}",
-            f"{p}:started:{task_id}",
-            f"{p}:crashes:{task_id}",
-        ]
+        b = self._base(task_id, lock_key)
+        keys = [f"{b}:done:{task_id}", f"{b}:run:{task_id}", f"{b}:started:{task_id}"]
+        keys.append(f"{b}:crashes:{task_id}")
         if lock_key is not None:
-            keys += [f"{p}:lock:{lock_key}", f"{p}:fence:{lock_key}"]
+            keys += [f"{b}:lock:{lock_key}", f"{b}:fence:{lock_key}"]
         return keys
 
     def _leases(self, task_id: str, lock_key: str | None) -> list[str]:
-        keys = [f"{self._prefix}:run:{task_id}"]
-        return keys if lock_key is None else [*keys, f"{self._prefix}:lock:{lock_key}"]
+        keys = self._keys(task_id, lock_key)
+        return [keys[1]] if lock_key is None else [keys[1], keys[4]]
 
     def _call(self, what: str, fn: Any, keys: list[str], args: list[Any]) -> Any:
         return call("coordination", self.url, what, fn, keys=keys, args=args)
@@ -170,7 +186,18 @@ class RedisCoordinationBackend:
     ) -> AdmitResult:
         keys = self._keys(task_id, lock_key)
         args = [owner, publish, _ms(lease_ttl), max_crashes, _ms(record_ttl), *adoptable]
-        status, crashes, token, left_ms, holder, lost = self._call("admit", self._admit, keys, args)
+        if self._replicas:
+            reply = self._call("admit", self._confirmed, keys, args)
+        else:
+            reply = self._call("admit", self._admit, keys, args)
+        status, crashes, token, left_ms, holder, lost = reply
+        if self._replicas and int(status) == 0 and int(reply[6]) < self._replicas:
+            self.release(task_id, lock_key, owner)
+            raise BackendUnavailable(
+                f"coordination backend {self.url}: the leases of task {task_id} were "
+                f"confirmed by {int(reply[6])} of {self._replicas} replicas within "
+                f"{WAIT_TIMEOUT_MS} ms (resilience_lock_replicas); not acquired"
+            )
         return AdmitResult(
             _STATUS[int(status)],
             int(crashes),
@@ -179,6 +206,18 @@ class RedisCoordinationBackend:
             holder=holder.decode() if holder else None,
             lost_predecessor=bool(lost),
         )
+
+    def _confirmed(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """Run ``admit`` and ``WAIT`` on one connection (WAIT counts the replicas that
+        have this connection's writes); its reply gets the count appended."""
+        client = self._client
+        if self._cluster:  # WAIT has no key: send both to the node of the delivery's slot
+            client = client.get_redis_connection(client.get_node_from_key(keys[0]))
+        pipe = client.pipeline(transaction=False)
+        self._admit(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self._replicas, WAIT_TIMEOUT_MS)
+        reply, acked = pipe.execute()
+        return [*reply, acked]
 
     def finish(
         self,
@@ -239,7 +278,13 @@ class RedisCoordinationBackend:
 def resilience_coordination_backend(
     url: str, settings: Settings
 ) -> RedisCoordinationBackend | None:
-    """Serve ``redis://``, ``rediss://`` and ``unix://`` URLs."""
+    """Serve ``redis://``, ``rediss://``, ``unix://``, ``sentinel://`` and
+    ``redis+cluster://`` URLs."""
     if not url.lower().startswith(REDIS_SCHEMES):
         return None
-    return RedisCoordinationBackend(url, key_prefix=settings.key_prefix)
+    return RedisCoordinationBackend(
+        url,
+        key_prefix=settings.key_prefix,
+        options=settings.transport_options,
+        replicas=settings.lock_replicas,
+    )
