@@ -16,7 +16,7 @@ from celery_resilience.backends.base import (
 from celery_resilience.errors import ConfigurationError
 from celery_resilience.plugins import get_plugin_manager
 from celery_resilience.runtime import build_backend, build_dlq_backend, runtime
-from celery_resilience.settings import load_settings
+from celery_resilience.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     pass
@@ -61,21 +61,26 @@ def _close_backends(app: Celery) -> None:
 # -- building backends as the library does -----------------------------------------------
 
 
-def backend_for(url: str, key_prefix: str = "celery_resilience") -> CoordinationBackend:
+def _settings(url: str, key_prefix: str, more: dict[str, Any]) -> Settings:
+    conf = {"resilience_url": url, "resilience_key_prefix": key_prefix}
+    conf.update({f"resilience_{name}": value for name, value in more.items()})
+    return load_settings(conf, environ={})
+
+
+def backend_for(
+    url: str, key_prefix: str = "celery_resilience", **settings: Any
+) -> CoordinationBackend:
     """The coordination backend of ``url``, built as an app builds it: through the plugins.
 
     The plugin serving ``url`` must be registered (installed with its entry point, or
-    registered with ``celery_resilience.get_plugin_manager``).
+    registered with ``celery_resilience.get_plugin_manager``). ``settings`` are other
+    ``resilience_*`` settings, named without the prefix (``transport_options={...}``).
     """
-    settings = load_settings(
-        {"resilience_url": url, "resilience_key_prefix": key_prefix}, environ={}
-    )
-    return build_backend(get_plugin_manager(), settings)
+    return build_backend(get_plugin_manager(), _settings(url, key_prefix, settings))
 
 
-def dlq_backend_for(url: str, key_prefix: str = "celery_resilience") -> DeadLetterBackend:
+def dlq_backend_for(
+    url: str, key_prefix: str = "celery_resilience", **settings: Any
+) -> DeadLetterBackend:
     """The dead-letter queue backend of ``url``, built through the plugins like an app's."""
-    settings = load_settings(
-        {"resilience_url": url, "resilience_key_prefix": key_prefix}, environ={}
-    )
-    return build_dlq_backend(get_plugin_manager(), settings)
+    return build_dlq_backend(get_plugin_manager(), _settings(url, key_prefix, settings))
