@@ -18,6 +18,7 @@ import kombu
 
 from celery_resilience import liveness
 from celery_resilience.backends.base import CoordinationBackend, DeadLetterBackend
+from celery_resilience.backends.probe import problem_of
 from celery_resilience.backends.redis import storage
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
 from celery_resilience.liveness import DEFAULT_VISIBILITY_TIMEOUT, REDIS_BROKERS
@@ -301,6 +302,11 @@ def _backends(app: Any, settings: Settings) -> list[Finding]:
     findings = []
     for name, build in backends:
         setting = settings.name_of(name)
+        options = settings.transport_options, settings.name_of("transport_options")
+        found = problem_of(getattr(settings, name), *options)
+        if found is not None:
+            findings.append(Finding(setting, *found))
+            continue
         try:
             build().ping()
         except ConfigurationError as exc:
@@ -332,7 +338,8 @@ def storage_findings(settings: Settings, dlq: DeadLetterBackend) -> list[Finding
     for url, names in _redis_urls(settings).items():
         setting = settings.name_of(names[0])
         try:
-            kept = storage(url, "coordination" if "url" in names else "DLQ")
+            role = "coordination" if "url" in names else "DLQ"
+            kept = storage(url, role, settings.transport_options)
         except BackendUnavailable as exc:
             findings.append(Finding(
                 setting,

@@ -64,7 +64,7 @@ def connect(url: str, role: str, options: Mapping[str, Any] | None = None) -> An
         raise ConfigurationError(f"{role} backend URL {mask_url(url)!r}: {exc}") from None
 
 
-def _auth(url: str) -> dict[str, Any]:
+def credentials(url: str) -> dict[str, Any]:
     """The user and password of ``url``, percent-decoded, for redis-py keywords."""
     parts = urlsplit(url)
     found: dict[str, Any] = {}
@@ -92,7 +92,7 @@ def _sentinel(url: str, role: str, options: Mapping[str, Any]) -> Any:
         parts = urlsplit(chunk)
         hosts.append((parts.hostname or "localhost", parts.port or DEFAULT_SENTINEL_PORT))
     first = urlsplit(chunks[0])
-    data: dict[str, Any] = {**TIMEOUTS, **_auth(chunks[0])}
+    data: dict[str, Any] = {**TIMEOUTS, **credentials(chunks[0])}
     db = first.path.strip("/")
     if db:
         data["db"] = int(db)
@@ -114,7 +114,7 @@ def _cluster(url: str, role: str, options: Mapping[str, Any]) -> Any:
 
     node: Any = redis.cluster.ClusterNode  # untyped in redis-py
     nodes = [node(host, port) for host, port in cluster_nodes(url)]
-    kwargs: dict[str, Any] = {**TIMEOUTS, **_auth(url.replace("+cluster", "", 1))}
+    kwargs: dict[str, Any] = {**TIMEOUTS, **credentials(url.replace("+cluster", "", 1))}
     if url.lower().startswith("rediss+"):
         kwargs["ssl"] = True
     kwargs.update(options.get("connection_kwargs") or {})
