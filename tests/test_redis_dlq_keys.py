@@ -29,12 +29,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.crc import key_slot
 
-from celery_resilience.backends.redis_dlq import RedisDeadLetterBackend
+from celery_resilience.backends.redis_dlq import RETRIES, RedisDeadLetterBackend
 from celery_resilience.testing.dlq import _NOW, _ids, _letter
 
 LUA = Path(__file__).resolve().parents[1] / "celery_resilience" / "backends" / "lua"
@@ -384,3 +385,124 @@ def test_plain_names_are_those_of_earlier_releases(redis_url: str, key_prefix: s
         assert _written(redis_url, f"{key_prefix}:*") == {key.encode() for key in expected}
     finally:
         dlq.close()
+
+
+# -- The two steps: drops that find an entry changed ------------------------------------
+
+
+class _Meddling:
+    """Wraps the backend's drop script: before each of the first ``times`` runs, sets the
+    meta field of ``entry_id`` to a new value, as a concurrent write would (a corrupt
+    one, so that the entry is then looked for everywhere)."""
+
+    def __init__(self, dlq: RedisDeadLetterBackend, entry_id: str, times: int) -> None:
+        self.dlq, self.entry_id, self.left, self.runs = dlq, entry_id, times, 0
+        self.script = dlq._drop_script
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.runs += 1
+        if self.left > 0:
+            self.left -= 1
+            value = f"corrupt {self.left}"
+            self.dlq._client.hset(self.dlq._key("meta"), self.entry_id, value)
+        return self.script(*args, **kwargs)
+
+
+@pytest.fixture
+def dlq(redis_url: str, key_prefix: str) -> Iterator[RedisDeadLetterBackend]:
+    backend = RedisDeadLetterBackend(redis_url, key_prefix)
+    yield backend
+    backend.close()
+
+
+def test_a_delete_reads_again_an_entry_that_changed(dlq: RedisDeadLetterBackend) -> None:
+    """A meta changed between delete's read and its drop: read again, then removed."""
+    entry = _letter()
+    dlq.store(entry, retention=3600.0, max_entries=100)
+    dlq._drop_script = meddling = _Meddling(dlq, entry.id, times=2)
+    assert dlq.delete(entry.id) is True
+    assert meddling.runs == 3
+    assert dlq.get(entry.id) is None
+    assert dlq.count() == dlq.count(task_name="tasks.upload", reason="max_retries") == 0
+
+
+@pytest.mark.parametrize("removal", ["delete", "purge"])
+def test_an_entry_that_keeps_changing_is_removed_after_the_retries(
+    dlq: RedisDeadLetterBackend, removal: str
+) -> None:
+    """delete and purge end even when an entry changes before every drop: the last
+    attempt drops it whatever its meta, from every index."""
+    kept, entry = _letter(at=_NOW - 1), _letter()
+    dlq.store(kept, retention=3600.0, max_entries=100)
+    dlq.store(entry, retention=3600.0, max_entries=100)
+    dlq._drop_script = meddling = _Meddling(dlq, entry.id, times=1000)
+    if removal == "delete":
+        assert dlq.delete(entry.id) is True
+        assert dlq.count() == 1
+    else:
+        assert dlq.purge() == 2
+        assert dlq.count() == 0
+    assert meddling.runs == RETRIES + 1
+    assert dlq.get(entry.id) is None
+    assert dlq.count(task_name="tasks.upload", reason="max_retries") == dlq.count()
+    assert not dlq._client.hexists(dlq._key("meta"), entry.id)
+
+
+def test_a_store_leaves_an_old_entry_that_changed_to_the_next_store(
+    dlq: RedisDeadLetterBackend,
+) -> None:
+    """Trim candidates whose meta changed before the drop are neither dropped nor counted."""
+    first, second = _letter(at=_NOW - 2), _letter(at=_NOW - 1)
+    dlq.store(first, retention=3600.0, max_entries=100)
+    dlq._drop_script = _Meddling(dlq, first.id, times=1)
+    assert dlq.store(second, retention=3600.0, max_entries=1).trimmed == 0
+    assert dlq.count() == 2  # one more than max_entries, until the next store
+    assert dlq.store(_letter(at=_NOW), retention=3600.0, max_entries=1).trimmed == 2
+    assert dlq.count() == 1
+
+
+@pytest.mark.parametrize("counter", [None, b"7", b"not a number", b"007", b"1.5"])
+def test_the_trimmed_counter_counts_or_starts_afresh(
+    dlq: RedisDeadLetterBackend, counter: bytes | None
+) -> None:
+    """Each trimmed entry adds 1 to <base>:trimmed:<task>; a value INCRBY refuses is reset."""
+    key = dlq._key("trimmed", "tasks.upload")
+    if counter is not None:
+        dlq._client.set(key, counter)
+    for i in range(3):
+        dlq.store(_letter(at=_NOW - 3 + i), retention=3600.0, max_entries=1)
+    expected = 7 + 2 if counter == b"7" else 2
+    assert dlq._client.get(key) == str(expected).encode()
+
+
+def test_an_expired_entry_with_a_corrupt_meta_leaves_no_index_row(
+    dlq: RedisDeadLetterBackend,
+) -> None:
+    """Expiry finds an entry with a corrupt meta under its JSON's task name and reason."""
+    old = _letter("tasks.elsewhere", "worker_lost", at=time.time() - 7200)
+    dlq.store(old, retention=86400.0, max_entries=100)
+    dlq._client.hset(dlq._key("meta"), old.id, b"corrupt")
+    dlq._client.srem(dlq._key("tasks"), "tasks.elsewhere")  # only the JSON names it
+    assert dlq.store(_letter(), retention=3600.0, max_entries=100).expired == 1
+    assert dlq.count(task_name="tasks.elsewhere") == 0
+    assert dlq.count(task_name="tasks.elsewhere", reason="worker_lost") == 0
+    assert dlq.count(reason="worker_lost") == 0
+    assert dlq.count() == 1
+
+
+def test_keys_of_another_type_do_not_stop_a_delete_or_purge(dlq: RedisDeadLetterBackend) -> None:
+    """A task-name set and an index that are strings hold none of ours: the rest goes."""
+    entry, other = _letter(), _letter("tasks.other", at=_NOW - 1)
+    dlq.store(entry, retention=3600.0, max_entries=100)
+    dlq.store(other, retention=3600.0, max_entries=100)
+    dlq._client.hset(dlq._key("meta"), entry.id, b"\x1f")
+    dlq._client.set(dlq._key("tasks"), "not a set")
+    dlq._client.set(dlq._key("r", "error"), "not an index")
+    assert dlq.delete(entry.id) is True
+    assert dlq.get(entry.id) is None
+    assert dlq.count(task_name="tasks.upload") == 0
+    dlq._client.set(dlq._key("meta"), "not a hash")
+    assert dlq.purge() == 1
+    assert dlq.count() == dlq.count(task_name="tasks.other") == 0
+    dlq._client.set(dlq._key("t", "tasks.broken"), "not an index")
+    assert dlq.purge(task_name="tasks.broken") == 0

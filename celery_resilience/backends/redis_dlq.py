@@ -13,12 +13,15 @@ one slot (``list``'s MGET included).
 
 Every key a script touches is in its KEYS: Cluster routes a script by them, and ACL key
 patterns are checked on them. Keys that depend on data are therefore read first:
+
 - ``store`` is one run of ``lua/dlq_store.lua`` (type checks before any write, then the
   entry and its rows), which answers with the entries now past the retention or the
   cap and their meta; one run of ``lua/dlq_drop.lua`` then drops those, if any.
 - ``delete`` and ``purge`` read the meta of their entries (and, for one without a valid
-  meta, every task name and its JSON), then drop them with ``lua/dlq_drop.lua``, which
-  skips an entry whose meta changed since it was read; it is read again.
+  meta, every task name and its JSON), then drop them with ``lua/dlq_drop.lua``.
+
+A drop skips an entry whose meta changed since it was read (a store or delete ran in
+between): ``delete`` and ``purge`` read it again, ``store`` leaves it to the next store.
 
 Each store and each drop is atomic, so an index never points at a half-written entry;
 the expiry and trim after a store are a second step, so for a moment a task name may
