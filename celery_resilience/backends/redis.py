@@ -190,7 +190,7 @@ class RedisCoordinationBackend:
             reply = self._call("admit", self._confirmed, keys, args)
         else:
             reply = self._call("admit", self._admit, keys, args)
-        status, crashes, token, left_ms, holder, lost = reply
+        status, crashes, token, left_ms, holder, lost = reply[:6]
         if self._replicas and int(status) == 0 and int(reply[6]) < self._replicas:
             self.release(task_id, lock_key, owner)
             raise BackendUnavailable(
