@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from celery import states
 from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
@@ -34,6 +34,7 @@ from celery_resilience.options import ResilientOptions
 from celery_resilience.plugins import notify
 from celery_resilience.runtime import Runtime, runtime
 
+_T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 # When a dead letter cannot be stored (or a postponement cannot be published) the
@@ -213,28 +214,38 @@ class Delivery:
         ran late on the server is recognised as this delivery's own. After one lease
         TTL of failures (by then any such late lease has expired) the error is raised.
         """
+        return self.retrying(
+            "waits for its coordination backend",
+            lambda: self.rt.backend.admit(
+                self.task_id,
+                owner=self.owner,
+                publish=self.publish,
+                lock_key=self.lock_key,
+                lease_ttl=self.lease_ttl,
+                max_crashes=self.max_crashes,
+                record_ttl=self.rt.settings.completion_ttl,
+                adoptable=self.adoptable,
+            ),
+        )
+
+    def retrying(self, waits: str, call: Callable[[], _T]) -> _T:
+        """``call()``, again after 0.1 s, 0.2 s, ... (at most 2 s apart) while it raises
+        ``BackendUnavailable``, for one lease TTL (a Sentinel failover takes a few
+        seconds); then, or at once when eager, the error is raised."""
         deadline = time.monotonic() + self.lease_ttl
         pause = 0.1
         while True:
             try:
-                return self.rt.backend.admit(
-                    self.task_id,
-                    owner=self.owner,
-                    publish=self.publish,
-                    lock_key=self.lock_key,
-                    lease_ttl=self.lease_ttl,
-                    max_crashes=self.max_crashes,
-                    record_ttl=self.rt.settings.completion_ttl,
-                    adoptable=self.adoptable,
-                )
+                return call()
             except BackendUnavailable as exc:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.task.request.is_eager:
                     raise
                 logger.warning(
-                    "celery-resilience: task %s[%s] waits for its coordination backend: %s",
+                    "celery-resilience: task %s[%s] %s: %s",
                     self.task.name,
                     self.task_id,
+                    waits,
                     exc,
                 )
                 time.sleep(min(pause, left))
@@ -347,15 +358,20 @@ class Delivery:
         return value
 
     def finish(self, *, succeeded: bool) -> None:
-        """Close the delivery; a backend error is logged, never raised (the body ran)."""
+        """Close the delivery, retrying as ``admit`` does (without the completion record a
+        redelivery would run the body again); a backend error is then logged, never
+        raised (the body ran)."""
         try:
-            self.rt.backend.finish(
-                self.task_id,
-                owner=self.owner,
-                publish=self.publish,
-                lock_key=self.lock_key,
-                succeeded=succeeded,
-                record_ttl=self.rt.settings.completion_ttl,
+            self.retrying(
+                "waits for its coordination backend to record its end",
+                lambda: self.rt.backend.finish(
+                    self.task_id,
+                    owner=self.owner,
+                    publish=self.publish,
+                    lock_key=self.lock_key,
+                    succeeded=succeeded,
+                    record_ttl=self.rt.settings.completion_ttl,
+                ),
             )
         except BackendUnavailable as exc:
             logger.error(

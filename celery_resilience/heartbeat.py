@@ -80,6 +80,20 @@ def is_redis_channel(channel: Any) -> bool:
     return isinstance(channel, kombu_redis.Channel) and bool(channel.ack_emulation)
 
 
+def _disconnected(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server could not be reached (refused, reset, no primary),
+    not that it was slow (a timeout: it may be stalled, and will answer)."""
+    import redis
+
+    return isinstance(exc, redis.ConnectionError) and not isinstance(exc, redis.TimeoutError)
+
+
+def _on_sentinel(channel: Any) -> bool:
+    from kombu.transport import redis as kombu_redis
+
+    return isinstance(channel, kombu_redis.SentinelChannel)
+
+
 def sweep(channel: Any) -> None:
     """Restore every message unrefreshed for ``visibility_timeout``, as kombu does.
 
@@ -150,6 +164,8 @@ class Ticker:
         self.every = min(self.plan["liveness sweep"], self.plan["restore sweep"])
         self.warnings = _Warnings()
         self._due = dict.fromkeys(self.plan, 0.0)
+        self.lost: BaseException | None = None
+        """The connection error of the last presence renewal that could not connect."""
 
     def __call__(self, channel: Any) -> None:
         """Run the due steps on ``channel`` (the consumer's, adopted by ``node``)."""
@@ -170,6 +186,8 @@ class Ticker:
                     run(client)
             except Exception as exc:
                 self.warnings.failed(step, exc)
+                if step == "presence renewal" and _disconnected(exc):
+                    self.lost = exc
             else:
                 self.warnings.worked(step)
 
@@ -243,6 +261,18 @@ class VisibilityHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
                 adopt(current, node)  # reconnected: a new channel to adopt and fetch on
                 fetch.install(current, node)
                 ticker(current)
+                lost, ticker.lost = ticker.lost, None
+                if lost is not None and c.hub is not None and _on_sentinel(current):
+                    # kombu 5.3-5.7's Sentinel channel may never notice that its primary
+                    # died (celery/celery#6348, #10096): the worker would consume nothing
+                    # after a failover. Raised in the event loop, a connection error
+                    # restarts the consumer, which asks the sentinels for the new primary.
+                    logger.warning(
+                        "celery-resilience: the broker's Sentinel primary is unreachable "
+                        "(%s); reconnecting the consumer",
+                        lost,
+                    )
+                    raise lost
 
         tick()  # register the presence before the first fetch
         if isinstance(c.pool, SoloPool):  # its tasks run in this thread: no timer tick then
