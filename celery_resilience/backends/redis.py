@@ -210,13 +210,21 @@ class RedisCoordinationBackend:
     def _confirmed(self, keys: list[str], args: list[Any]) -> list[Any]:
         """Run ``admit`` and ``WAIT`` on one connection (WAIT counts the replicas that
         have this connection's writes); its reply gets the count appended."""
+        import redis
+        from redis.exceptions import MovedError
+
         client = self._client
         if self._cluster:  # WAIT has no key: send both to the node of the delivery's slot
             client = client.get_redis_connection(client.get_node_from_key(keys[0]))
         pipe = client.pipeline(transaction=False)
         self._admit(keys=keys, args=args, client=pipe)
         pipe.execute_command("WAIT", self._replicas, WAIT_TIMEOUT_MS)
-        reply, acked = pipe.execute()
+        try:
+            reply, acked = pipe.execute()
+        except (MovedError, redis.ConnectionError):
+            if self._cluster:  # a failover moved the slot: learn where, for the retry
+                self._client.nodes_manager.initialize()  # as RedisCluster does (4.5-8)
+            raise
         return [*reply, acked]
 
     def finish(
