@@ -10,7 +10,7 @@ app comes from Celery's ``-A``. Contracts every command keeps:
   a ``--json`` stdout carries JSON only.
 - Nothing is deserialized beyond JSON: a raw body is shown as ``<N bytes of TYPE>``.
 - Values of arguments whose names look like secrets (``password``, ``token``,
-  ``api_key``, ... as parts of the name, see ``looks_secret``) or are named in
+  ``api_key``, ... as parts of the name, see ``masking.looks_secret``) or are named in
   ``resilience_dlq_mask_args`` print as ``***`` unless ``--reveal`` is given, at any
   depth of nested dicts; reprs that cannot be masked (raw bodies) are hidden instead
   when they may hold such a value.
@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -55,12 +54,12 @@ from celery_resilience.dlq import (
 )
 from celery_resilience.doctor import diagnose
 from celery_resilience.errors import ResilienceError
+from celery_resilience.masking import MASK, view
 from celery_resilience.nodes import LiveNode, LostNode, Nodes, read_nodes
 from celery_resilience.options import options_of
 from celery_resilience.runtime import runtime
 from celery_resilience.urls import mask_url
 
-MASK = "***"
 _handle_preload_options: Callable[[Callable[..., None]], Callable[..., None]] = (
     handle_preload_options  # delivers Celery's preload options (e.g. --config) to the app
 )
@@ -200,117 +199,6 @@ def _body_text(entry: DeadLetter) -> str:
     except (binascii.Error, ValueError):
         return f"<undecodable body of {content_type}>"
     return f"<{size} bytes of {content_type}>"
-
-
-# --- masking ----------------------------------------------------------------------
-
-SECRET_WORDS = frozenset(
-    {"password", "passwd", "secret", "token", "apikey", "authorization", "cookie", "privatekey"}
-)
-"""Names containing one of these as a word, or two adjacent words (``api_key``,
-``apiKey``, ``X-Api-Key``), singular or plural, are masked by default."""
-
-_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
-
-
-def looks_secret(name: str) -> bool:
-    """Whether argument or key ``name`` looks like it holds a secret.
-
-    Words are split at ``_``, ``-``, ``.``, spaces and camelCase, compared without
-    case: ``db_password``, ``refreshToken``, ``X-Api-Key``, ``session_cookie`` match;
-    ``tokenizer`` and ``monkey`` do not.
-    """
-    words = [w.lower() for w in _WORD.findall(name)]
-    for i, word in enumerate(words):
-        for joined in (word, word + "".join(words[i + 1 : i + 2])):
-            if joined in SECRET_WORDS or joined.removesuffix("s") in SECRET_WORDS:
-                return True
-    return False
-
-
-class _Masked(str):
-    """``"***"`` in JSON and ``***`` (unquoted) in a repr."""
-
-    def __repr__(self) -> str:
-        return MASK
-
-
-def _compact(text: str) -> str:
-    return re.sub(r"[_\-.\s]", "", text.casefold())
-
-
-class _Masking:
-    """Which names are masked: those that look like secrets and those in ``names``."""
-
-    def __init__(self, names: frozenset[str]) -> None:
-        self._names = frozenset(n.casefold() for n in names)
-        self._fragments = SECRET_WORDS | {_compact(n) for n in names}
-
-    def hides(self, name: object) -> bool:
-        return isinstance(name, str) and (name.casefold() in self._names or looks_secret(name))
-
-    def may_hold(self, text: str) -> bool:
-        """Whether text (a repr) mentions a masked name, loosely: errs on hiding."""
-        compact = _compact(text)
-        return any(fragment in compact for fragment in self._fragments)
-
-    def value(self, value: Any) -> tuple[Any, bool]:
-        """``value`` with every value under a masked key, at any depth, as ``***``;
-        and whether anything was masked."""
-        if isinstance(value, dict):
-            out: dict[Any, Any] = {}
-            hit = False
-            for key, item in value.items():
-                if self.hides(key):
-                    out[key], masked = _Masked(MASK), True
-                else:
-                    out[key], masked = self.value(item)
-                hit = hit or masked
-            return out, hit
-        if isinstance(value, list):
-            pairs = [self.value(item) for item in value]
-            return [item for item, _ in pairs], any(masked for _, masked in pairs)
-        return value, False
-
-
-def view(entry: DeadLetter, mask: frozenset[str], reveal: bool) -> dict[str, Any]:
-    """The entry as JSON-ready data with every masked value replaced by ``"***"``.
-
-    Masked are the values of arguments and dict keys (at any depth) whose names look
-    like secrets (``looks_secret``) or are in ``mask``: positional args named by
-    ``entry.argnames``, kwargs by key. When something was masked the reprs are
-    rebuilt from the masked values. A raw body's reprs, and its base64 ``data``,
-    cannot be masked: they are hidden when an argname is masked or a repr mentions
-    a masked name. ``reveal`` returns every field as stored.
-    """
-    data = dataclasses.asdict(entry)
-    if reveal:
-        return data
-    masking = _Masking(mask)
-    names = entry.argnames or []
-    if entry.body is not None or not isinstance(entry.args, list):
-        reprs = f"{entry.args_repr} {entry.kwargs_repr}"
-        if any(masking.hides(n) for n in names) or masking.may_hold(reprs):
-            data["args_repr"] = data["kwargs_repr"] = MASK
-            if isinstance(data.get("body"), dict):
-                data["body"]["data"] = MASK
-        return data
-    shown: list[Any] = []
-    hit = False
-    for i, value in enumerate(entry.args):
-        if i < len(names) and masking.hides(names[i]):
-            shown.append(_Masked(MASK))
-            hit = True
-        else:
-            value, masked = masking.value(value)
-            shown.append(value)
-            hit = hit or masked
-    kwargs, masked = masking.value(entry.kwargs or {})
-    if hit or masked:
-        data["args"], data["args_repr"] = shown, repr(tuple(shown))
-        if entry.kwargs is not None:
-            data["kwargs"], data["kwargs_repr"] = kwargs, repr(kwargs)
-    return data
 
 
 # --- commands ---------------------------------------------------------------------
