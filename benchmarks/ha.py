@@ -77,6 +77,7 @@ sys.path.insert(1, ROOT)
 
 import redis  # noqa: E402
 from common import log, pctl, spread, timed_rounds, write_json  # noqa: E402
+from dlq_bench import letter  # noqa: E402  (the entries dlq_bench.py stores)
 
 LOCK_KEYS = 1000
 RECORD_TTL = 3600.0
@@ -331,30 +332,6 @@ def bench_replicas(sentinel: Any, args: argparse.Namespace, prefix: str) -> dict
 
 
 # -- 3. DLQ of 100,000 entries -----------------------------------------------------------
-
-
-def letter(task_name: str, at: float) -> Any:
-    """An entry as benchmarks/dlq_bench.py builds it."""
-    from celery_resilience.deadletter import DeadLetter
-
-    return DeadLetter(
-        id=uuid.uuid4().hex,
-        task_id=str(uuid.uuid4()),
-        task_name=task_name,
-        reason="max_retries",
-        exception_type="builtins.ConnectionError",
-        exception_message="upstream refused",
-        traceback="Traceback (most recent call last):\nConnectionError: upstream refused\n",
-        attempts=11,
-        deliveries=1,
-        first_failure_at=at - 600,
-        last_failure_at=at,
-        args=[12345, "0123456789abcdef0123456789abcdef01234567"],
-        kwargs={},
-        queue="celery",
-        exchange="",
-        routing_key="celery",
-    )
 
 
 def dlq_variant(dlq_url: str, broker_url: str, prefix: str, n: int, replay: int,
