@@ -59,7 +59,8 @@ def test_tasks_survive_the_brokers_failover_and_a_dead_node_after_it(
 ) -> None:
     topology = fresh_sentinel_topology
     (victim,) = cluster.start("victim", wrap=on_host("pod-victim"))
-    assert "presence TTL 3 s" in victim.text(), victim.report()
+    assert "presence TTL 3 s" in victim.text(), victim.report()  # heartbeat and liveness
+    assert "reliable fetch on" in victim.text(), victim.report()
 
     # The broker's primary dies under six running and queued tasks.
     tag = cluster.tag()
