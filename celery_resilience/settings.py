@@ -39,6 +39,7 @@ class Settings:
     dlq_replay_rate: float = 50.0
     transport_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     lock_replicas: int = 0
+    web_token: str | None = field(default=None, repr=False)  # a secret: never in a repr
     url_is_default: bool = False
     names: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
@@ -156,7 +157,11 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "dlq_replay_rate": _as_rate,
     "transport_options": _as_options,
     "lock_replicas": _as_int(0),
+    "web_token": _as_text,
 }
+
+SECRET_SETTINGS = frozenset({"web_token"})
+"""Settings whose values no error message shows."""
 
 SETTING_NAMES = tuple(f"resilience_{name}" for name in _CONVERTERS)
 
@@ -205,6 +210,8 @@ def _lookup(conf: Mapping[str, Any], environ: Mapping[str, str], name: str) -> A
         return convert(raw)
     except (ValueError, TypeError):
         shown = mask_url(raw) if name.endswith("url") and isinstance(raw, str) else raw
+        if name in SECRET_SETTINGS:
+            shown = "***"
         raise ConfigurationError(
             f"setting {_source(conf, environ, name)}={shown!r}: expected {convert.__doc__}"
         ) from None
