@@ -1,5 +1,5 @@
-"""``celery -A proj resilience dlq|doctor|nodes ...``: the DLQ, the settings check and the
-worker nodes from the command line.
+"""``celery -A proj resilience dlq|doctor|nodes|web ...``: the DLQ, the settings check and
+the worker nodes from the command line, and the DLQ's web page (``celery_resilience.web``).
 
 Installed as a Celery sub-command through the ``celery.commands`` entry point; the
 app comes from Celery's ``-A``. Contracts every command keeps:
@@ -208,7 +208,7 @@ def _body_text(entry: DeadLetter) -> str:
 @click.pass_context
 @_handle_preload_options
 def resilience(ctx: click.Context, **preload_options: Any) -> None:
-    """celery-resilience tools: see celery -A proj resilience dlq|doctor|nodes --help."""
+    """celery-resilience tools: see celery -A proj resilience dlq|doctor|nodes|web --help."""
 
 
 @resilience.group()
@@ -576,3 +576,39 @@ def _recovered(node: LostNode) -> str:
     if not node.recovered:
         return "0"
     return f"{node.messages} ({_counts(node.recovered)})"
+
+
+@resilience.command()
+@_option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR", help="Listen here.")
+@_option("--port", type=click.IntRange(1, 65535), default=5566, show_default=True)
+@_option("--read-only", is_flag=True, help="Show no forms; refuse every POST (403).")
+@_reports_errors
+def web(bind: str, port: int, read_only: bool) -> None:
+    """Serve a page of the dead letters: list, filter, an entry, replay and delete.
+
+    Binds to 127.0.0.1 unless --bind says otherwise; any other address needs the setting
+    resilience_web_token, which every request must then carry. Runs until interrupted.
+    """
+    from celery_resilience.web.security import Guard, refusal
+    from celery_resilience.web.server import WebServer
+
+    queue, mask = _queue()
+    settings = runtime(queue.app).settings
+    problem = refusal(bind, settings.web_token)
+    if problem is not None:
+        raise Failure(problem)
+    guard = Guard(settings.web_token, read_only=read_only)
+    try:
+        server = WebServer((bind, port), queue, mask, guard, settings.dlq_replay_rate)
+    except OSError as exc:
+        raise Failure(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+    host = f"[{bind}]" if ":" in bind else bind
+    mode = " (read-only)" if read_only else ""
+    click.echo(f"serving the dead letters of app {queue.app.main} on http://{host}:{port}/{mode}")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,95 @@
+"""HTML building blocks: every value from the store goes through ``esc``.
+
+Markup is written by hand with f-strings; each function returns HTML, and each
+argument named ``text`` or taken from an entry is escaped here, so a page never puts
+stored text into markup unescaped (an argument ``<script>`` shows as text).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from urllib.parse import quote, urlencode
+
+STYLESHEET = "/static/style.css"
+
+
+def esc(value: object) -> str:
+    """``value`` as HTML text, quotes included (safe inside an attribute too)."""
+    return html.escape(str(value), quote=True)
+
+
+def line(value: object, limit: int = 200) -> str:
+    """``value`` as one line of at most ``limit`` characters (not yet escaped)."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def url(path: str, **query: str | None) -> str:
+    """``path`` with the non-empty ``query`` values (not yet escaped for HTML)."""
+    params = {name: value for name, value in query.items() if value}
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def entry_url(entry_id: str, action: str = "") -> str:
+    return f"/entries/{quote(entry_id, safe='')}" + (f"/{action}" if action else "")
+
+
+def link(href: str, text: object) -> str:
+    return f'<a href="{esc(href)}">{esc(text)}</a>'
+
+
+def age(seconds: float) -> str:
+    """``42s``, ``3m``, ``2h``, ``5d``: whole units, rounded down."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def when(ts: float, now: float | None = None) -> str:
+    """``ts`` in UTC and how long ago (not yet escaped)."""
+    try:
+        stamp = datetime.fromtimestamp(float(ts), tz=timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return line(ts)
+    ago = age((time.time() if now is None else now) - float(ts))
+    return f"{stamp:%Y-%m-%d %H:%M:%S} UTC ({ago} ago)"
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable[str]], css: str = "") -> str:
+    """A table; ``header`` is plain text, each cell of ``rows`` is HTML already."""
+    head = "".join(f"<th>{esc(name)}</th>" for name in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    klass = f' class="{esc(css)}"' if css else ""
+    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def post_form(action: str, button: str, csrf: str, fields: Mapping[str, str | None]) -> str:
+    """A form that POSTs ``fields`` and the CSRF token to ``action``."""
+    hidden = "".join(
+        f'<input type="hidden" name="{esc(name)}" value="{esc(value)}">'
+        for name, value in {**fields, "csrf": csrf}.items()
+        if value is not None
+    )
+    return (
+        f'<form method="post" action="{esc(action)}" class="inline">{hidden}'
+        f'<button type="submit">{esc(button)}</button></form>'
+    )
+
+
+def document(title: str, body: str, *, app_name: str, message: str | None = None) -> str:
+    """A whole page: ``body`` is HTML, ``title``, ``app_name`` and ``message`` are text."""
+    notice = f'<p class="message" role="status">{esc(message)}</p>' if message else ""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)} - celery-resilience</title>"
+        f'<link rel="stylesheet" href="{STYLESHEET}"></head><body>'
+        f'<header><a href="/" class="home">Dead letters</a>'
+        f'<span class="app">app {esc(app_name)}</span></header>'
+        f"<main>{notice}<h1>{esc(title)}</h1>{body}</main></body></html>"
+    )
