@@ -238,6 +238,13 @@ def test_an_unknown_entry_and_an_unknown_page_are_404(serve: Serve) -> None:
     assert client.get("/nowhere").status == 404
 
 
+def test_a_cursor_the_dlq_did_not_give_is_a_400_page(serve: Serve) -> None:
+    """A made-up ?cursor= answers 400 with the DLQ's one-line reason, escaped."""
+    reply = serve().get("/?cursor=%3Cb%3Enope")
+    assert reply.status == 400
+    assert "cursor &#x27;&lt;b&gt;nope&#x27; is not one returned by list()" in reply.text
+
+
 def test_every_response_carries_the_security_headers(dlq: DeadLetterQueue, serve: Serve) -> None:
     """CSP without scripts, no framing, no referrer, on pages, errors and the stylesheet."""
     client = serve()

@@ -114,6 +114,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._login_page(HTTPStatus.UNAUTHORIZED)
             else:
                 self._get(path, query)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client left; nothing to answer
         except UnknownEntry as exc:
             self._error(HTTPStatus.NOT_FOUND, str(exc), title="Not found")
         except ConfigurationError as exc:
