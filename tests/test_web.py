@@ -373,6 +373,19 @@ def test_read_only_shows_no_forms_and_refuses_every_post(
     assert dlq.count() == 1
 
 
+def test_read_only_with_a_token_still_lets_one_sign_in(dlq: DeadLetterQueue, serve: Serve) -> None:
+    """Signing in changes no dead letter, so a read-only page takes the login form."""
+    entry = _letter()
+    store(dlq, entry)
+    client = serve(token=TOKEN, read_only=True)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/").text)
+    assert csrf
+    assert client.post("/login", {"csrf": csrf.group(1), "token": TOKEN}).status == 303
+    assert row_ids(client.get("/").text) == [entry.id]
+    assert client.post(f"/entries/{entry.id}/delete", {"csrf": csrf.group(1)}).status == 403
+    assert dlq.count() == 1
+
+
 def test_with_a_token_every_request_needs_it(dlq: DeadLetterQueue, serve: Serve) -> None:
     """401 and a login form without it; a bearer token or the login cookie lets one in."""
     entry = _letter()
