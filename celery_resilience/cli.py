@@ -26,8 +26,6 @@ app comes from Celery's ``-A``. Contracts every command keeps:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import functools
 import json
@@ -36,15 +34,15 @@ import shutil
 import signal
 import sys
 import time
-import unicodedata
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from celery.bin.base import handle_preload_options
 
-from celery_resilience.deadletter import DeadLetter, MalformedEntry
+from celery_resilience import describe
+from celery_resilience.deadletter import MalformedEntry
+from celery_resilience.describe import age, exception_line, one_line, safe, when
 from celery_resilience.dlq import (
     DeadLetterQueue,
     ReplayFailed,
@@ -77,7 +75,7 @@ class Failure(click.ClickException):
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {_line(self.message)}", err=True)
+        click.echo(f"error: {one_line(self.message)}", err=True)
 
 
 def _reports_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -143,62 +141,12 @@ def _queue() -> tuple[DeadLetterQueue, frozenset[str]]:
 # --- text -------------------------------------------------------------------------
 
 
-def _safe(text: str, *, keep_newlines: bool = False) -> str:
-    """``text`` with control/format characters escaped (``\\x1b``), newlines kept if asked."""
-    return "".join(
-        ch
-        if (keep_newlines and ch == "\n") or not unicodedata.category(ch).startswith("C")
-        else ch.encode("unicode_escape").decode("ascii")
-        for ch in text
-    )
-
-
-def _line(value: object) -> str:
-    """``value`` as one safe line: whitespace runs collapsed to one space."""
-    return _safe(" ".join(str(value).split()))
-
-
 def _mask_urls(text: str) -> str:
     return " ".join(mask_url(word) if "://" in word else word for word in text.split())
 
 
 def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 3)] + "..."
-
-
-def age(seconds: float) -> str:
-    """Humanize a duration: ``42s``, ``3m``, ``2h``, ``5d`` (whole units, rounded down)."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
-def _when(ts: Any, now: float | None = None) -> str:
-    """``ts`` in UTC and how long before ``now`` (default: this machine's clock)."""
-    try:
-        stamp = datetime.fromtimestamp(float(ts), tz=timezone.utc)
-        ago = age((time.time() if now is None else now) - float(ts))
-        return f"{stamp:%Y-%m-%d %H:%M:%S} UTC ({ago} ago)"
-    except (TypeError, ValueError, OverflowError, OSError):
-        return _line(ts)
-
-
-def _exception(entry: DeadLetter) -> str:
-    kind = str(entry.exception_type).removeprefix("builtins.")
-    return f"{kind}: {entry.exception_message}" if entry.exception_message else kind
-
-
-def _body_text(entry: DeadLetter) -> str:
-    """``<N bytes of TYPE>`` for a raw body: counted, never deserialized."""
-    body = entry.body
-    content_type = _line(getattr(body, "content_type", "?"))
-    try:
-        size = len(base64.b64decode(str(getattr(body, "data", "")), validate=True))
-    except (binascii.Error, ValueError):
-        return f"<undecodable body of {content_type}>"
-    return f"<{size} bytes of {content_type}>"
 
 
 # --- commands ---------------------------------------------------------------------
@@ -247,7 +195,7 @@ def ls(
     page = queue.list(task_name=task_name, reason=reason, limit=limit, cursor=cursor)
     for entry_id, why in page.skipped:
         click.echo(
-            f"warning: {_line(why)}; skipped (dlq rm {_line(entry_id)} removes it)", err=True
+            f"warning: {one_line(why)}; skipped (dlq rm {one_line(entry_id)} removes it)", err=True
         )
     if as_json:
         entries = [view(entry, mask, reveal) for entry in page.entries]
@@ -261,18 +209,18 @@ def ls(
         now = time.time()
         rows = [
             [
-                _fit(_line(e.task_name), 80),
-                _fit(_line(e.reason), 40),
+                _fit(one_line(e.task_name), 80),
+                _fit(one_line(e.reason), 40),
                 age(now - e.last_failure_at),
-                _fit(_line(e.attempts), 12),
-                _line(_exception(e)),
-                _line(e.id),
+                _fit(one_line(e.attempts), 12),
+                one_line(exception_line(e)),
+                one_line(e.id),
             ]
             for e in page.entries
         ]
         _table(["TASK", "REASON", "AGE", "ATTEMPTS", "EXCEPTION", "ID"], rows, squeeze=4)
     if page.cursor is not None:
-        click.echo(f"more entries: pass --cursor {_line(page.cursor)} for the next page")
+        click.echo(f"more entries: pass --cursor {one_line(page.cursor)} for the next page")
 
 
 def _table(header: list[str], rows: list[list[str]], squeeze: int) -> None:
@@ -314,40 +262,15 @@ def show(entry_id: str, as_json: bool, reveal: bool, full: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    raw = entry.body is not None
-    fields: list[tuple[str, object]] = [
-        ("id", entry.id),
-        ("task", entry.task_name),
-        ("task id", entry.task_id),
-        ("reason", entry.reason),
-        ("exception", entry.exception_type),
-        ("message", entry.exception_message),
-        ("attempts", entry.attempts),
-        ("deliveries", entry.deliveries),
-        ("replays", entry.replays),
-        ("first failure", _when(entry.first_failure_at)),
-        ("last failure", _when(entry.last_failure_at)),
-        ("queue", entry.queue),
-        ("exchange", entry.exchange),
-        ("routing key", entry.routing_key),
-        ("priority", entry.priority),
-        ("lock key", entry.lock_key),
-        ("hostname", entry.hostname),
-        ("argnames", ", ".join(entry.argnames or [])),
-        ("args", None if raw else json.dumps(data["args"])),
-        ("kwargs", None if raw else json.dumps(data["kwargs"])),
-        ("body", _body_text(entry) if raw else None),
-        ("args repr", data["args_repr"]),
-        ("kwargs repr", data["kwargs_repr"]),
-    ]
+    fields = describe.fields(entry, data)
     for label, value in fields:
-        shown, _ = _cut("-" if value is None or value == "" else _line(value), CUT, full)
+        shown, _ = _cut("-" if value is None or value == "" else one_line(value), CUT, full)
         if value == MASK and label.endswith("repr"):
             shown += " (hidden: it cannot be masked; --reveal shows it)"
         click.echo(f"{label + ':':<15}{shown}")
     click.echo("traceback:")
     traceback, _ = _cut(str(entry.traceback or "-"), 10 * CUT, full)
-    for text in _safe(traceback, keep_newlines=True).splitlines():
+    for text in safe(traceback, keep_newlines=True).splitlines():
         click.echo(f"  {text}")
 
 
@@ -404,14 +327,14 @@ def replay(
     for entry_id in report.replayed:
         _replayed(entry_id, task_ids.get(entry_id, "?"))
     for message in [*report.not_removed.values(), *report.refused.values()]:
-        click.echo(f"error: {_line(message)}", err=True)
+        click.echo(f"error: {one_line(message)}", err=True)
     click.echo(f"replayed {len(report.replayed)} of {len(report.replayed) + len(report.refused)}")
     if report.refused or report.not_removed:
         raise click.exceptions.Exit(1)
 
 
 def _replayed(entry_id: str, task_id: str) -> None:
-    click.echo(f"replayed {_line(entry_id)} as task {_line(task_id)}")
+    click.echo(f"replayed {one_line(entry_id)} as task {one_line(task_id)}")
 
 
 def _each(entry_ids: Iterable[str], action: Callable[[str], None]) -> None:
@@ -421,7 +344,7 @@ def _each(entry_ids: Iterable[str], action: Callable[[str], None]) -> None:
         try:
             action(entry_id)
         except _PER_ID_ERRORS as exc:
-            click.echo(f"error: {_line(exc)}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             failed = True
     if failed:
         raise click.exceptions.Exit(1)
@@ -436,7 +359,7 @@ def rm(entry_ids: tuple[str, ...]) -> None:
 
     def delete(entry_id: str) -> None:
         queue.delete(entry_id)
-        click.echo(f"deleted {_line(entry_id)}")
+        click.echo(f"deleted {one_line(entry_id)}")
 
     _each(entry_ids, delete)
 
@@ -478,8 +401,8 @@ def doctor(
         consumer_timeout=consumer_timeout,
     )
     for finding in findings:
-        click.echo(_line(str(finding)))
-    click.echo(_line(f"recovery: {recovery(app, consumer_timeout=consumer_timeout).summary}"))
+        click.echo(one_line(str(finding)))
+    click.echo(one_line(f"recovery: {recovery(app, consumer_timeout=consumer_timeout).summary}"))
     if any(not finding.warning for finding in findings):
         raise click.exceptions.Exit(1)
     tasks = sum(1 for t in app.tasks.values() if options_of(t))
@@ -512,10 +435,10 @@ def nodes(as_json: bool) -> None:
     if found.live:
         rows = [
             [
-                _fit(_line(n.nodename), 60),
-                _fit(_line(n.hostname), 60),
-                _line(n.pid if n.pid is not None else "?"),
-                _fit(_line(",".join(n.queues) or "-"), 60),
+                _fit(one_line(n.nodename), 60),
+                _fit(one_line(n.hostname), 60),
+                one_line(n.pid if n.pid is not None else "?"),
+                _fit(one_line(",".join(n.queues) or "-"), 60),
                 _expires(n, found),
                 _holds(n),
             ]
@@ -529,9 +452,9 @@ def nodes(as_json: bool) -> None:
         click.echo("lost nodes, newest first:")
         rows = [
             [
-                _when(n.lost_at, found.now) if n.lost_at is not None else "?",
-                _fit(_line(n.nodename), 60),
-                _fit(_line(n.hostname), 60),
+                when(n.lost_at, found.now) if n.lost_at is not None else "?",
+                _fit(one_line(n.nodename), 60),
+                _fit(one_line(n.hostname), 60),
                 _recovered(n),
             ]
             for n in found.lost[:LOST_SHOWN]
@@ -553,7 +476,7 @@ def _expires(node: LiveNode, found: Nodes) -> str:
 
 
 def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{_line(name)}{TIMES}{n}" for name, n in counts.items())
+    return ", ".join(f"{one_line(name)}{TIMES}{n}" for name, n in counts.items())
 
 
 def _holds(node: LiveNode) -> str:

@@ -8,10 +8,10 @@ stored text into markup unescaped (an argument ``<script>`` shows as text).
 from __future__ import annotations
 
 import html
-import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
 from urllib.parse import quote, urlencode
+
+from celery_resilience.describe import one_line
 
 STYLESHEET = "/static/style.css"
 
@@ -23,7 +23,7 @@ def esc(value: object) -> str:
 
 def line(value: object, limit: int = 200) -> str:
     """``value`` as one line of at most ``limit`` characters (not yet escaped)."""
-    text = " ".join(str(value).split())
+    text = one_line(value)
     return text if len(text) <= limit else text[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
 
 
@@ -39,25 +39,6 @@ def entry_url(entry_id: str, action: str = "") -> str:
 
 def link(href: str, text: object) -> str:
     return f'<a href="{esc(href)}">{esc(text)}</a>'
-
-
-def age(seconds: float) -> str:
-    """``42s``, ``3m``, ``2h``, ``5d``: whole units, rounded down."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
-def when(ts: float, now: float | None = None) -> str:
-    """``ts`` in UTC and how long ago (not yet escaped)."""
-    try:
-        stamp = datetime.fromtimestamp(float(ts), tz=timezone.utc)
-    except (TypeError, ValueError, OverflowError, OSError):
-        return line(ts)
-    ago = age((time.time() if now is None else now) - float(ts))
-    return f"{stamp:%Y-%m-%d %H:%M:%S} UTC ({ago} ago)"
 
 
 def table(header: Iterable[str], rows: Iterable[Iterable[str]], css: str = "") -> str:

@@ -3,12 +3,11 @@ the login form and the error pages. Nothing here reads or changes the DLQ."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from typing import Any
 
+from celery_resilience import describe
 from celery_resilience.deadletter import GIVE_UP_REASONS, DeadLetter
+from celery_resilience.describe import exception_line, when
 from celery_resilience.masking import MASK
 from celery_resilience.web.layout import (
     document,
@@ -19,25 +18,8 @@ from celery_resilience.web.layout import (
     post_form,
     table,
     url,
-    when,
 )
 from celery_resilience.web.listing import Listing
-
-
-def exception_text(entry: DeadLetter) -> str:
-    kind = str(entry.exception_type).removeprefix("builtins.")
-    return f"{kind}: {entry.exception_message}" if entry.exception_message else kind
-
-
-def _body_text(entry: DeadLetter) -> str:
-    """``<N bytes of TYPE>`` for a raw body: counted, never deserialized."""
-    body = entry.body
-    content_type = line(getattr(body, "content_type", "?"))
-    try:
-        size = len(base64.b64decode(str(getattr(body, "data", "")), validate=True))
-    except (binascii.Error, ValueError):
-        return f"<undecodable body of {content_type}>"
-    return f"<{size} bytes of {content_type}>"
 
 
 def _select(name: str, label: str, options: list[str], chosen: str | None) -> str:
@@ -95,7 +77,7 @@ def list_page(
             esc(when(e.last_failure_at)),
             esc(line(e.task_name, 120)),
             esc(e.reason),
-            f'<span class="exception">{esc(line(exception_text(e)))}</span>',
+            f'<span class="exception">{esc(line(exception_line(e)))}</span>',
             esc(e.attempts),
             link(entry_url(e.id), "open"),
         ]
@@ -122,30 +104,7 @@ def list_page(
 
 def entry_page(entry: DeadLetter, data: dict[str, Any], *, app_name: str, read_only: bool) -> str:
     """One entry: its fields with arguments masked (``data`` is ``masking.view``'s)."""
-    raw = entry.body is not None
-    fields: list[tuple[str, object]] = [
-        ("id", entry.id),
-        ("task", entry.task_name),
-        ("task id", entry.task_id),
-        ("reason", entry.reason),
-        ("exception", exception_text(entry)),
-        ("attempts", entry.attempts),
-        ("deliveries", entry.deliveries),
-        ("replays", entry.replays),
-        ("first failure", when(entry.first_failure_at)),
-        ("last failure", when(entry.last_failure_at)),
-        ("queue", entry.queue),
-        ("exchange", entry.exchange),
-        ("routing key", entry.routing_key),
-        ("priority", entry.priority),
-        ("lock key", entry.lock_key),
-        ("hostname", entry.hostname),
-        ("argument names", ", ".join(entry.argnames or [])),
-        ("args", _body_text(entry) if raw else json.dumps(data["args"])),
-        ("kwargs", None if raw else json.dumps(data["kwargs"])),
-        ("args repr", data["args_repr"]),
-        ("kwargs repr", data["kwargs_repr"]),
-    ]
+    fields = describe.fields(entry, data)
     rows = []
     for label, value in fields:
         shown = esc("-" if value is None or value == "" else value)
