@@ -60,9 +60,9 @@ def test_a_healthy_sentinel_and_cluster_get_only_the_storage_findings(
 @pytest.fixture
 def half_a_cluster(tmp_path: Path) -> Iterator[str]:
     """One cluster-enabled node serving slots 0-8191 only (cluster_state fail)."""
-    server = RedisServer(
-        tmp_path, options=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-    )
+    # The bus port is the node's + 10000 unless given: a free port of its own.
+    cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+    server = RedisServer(tmp_path, options=[*cluster, "--cluster-port", str(workers.free_port())])
     with server.running():
         client = redis.Redis(port=server.port)
         client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 8191)
