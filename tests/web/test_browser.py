@@ -113,13 +113,23 @@ def rows(driver: Any) -> list[str]:
 
 def follow(driver: Any, element: Any) -> None:
     """Click ``element`` (a link or a form's button) and wait for the next page."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(old))
+
+    def replaced(_: Any) -> bool:
+        try:
+            old.tag_name  # noqa: B018 - asks the browser about the old page's root
+        except WebDriverException:
+            # Stale, or (chromedriver 156, mid-navigation) "Node with given id does not
+            # belong to the document": either way the old page is gone.
+            return True
+        return False
+
+    WebDriverWait(driver, 10).until(replaced)
 
 
 def message(driver: Any) -> str:
