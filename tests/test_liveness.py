@@ -36,14 +36,16 @@ def nodes(redis_url: str, key_prefix: str) -> Iterator[Callable[[], Broker]]:
 
 
 def sweep_for(node: Broker, seconds: float, *alive: Broker) -> list[Recovered]:
-    """Run ``node``'s liveness sweep every TTL/6 for ``seconds``, renewing its presence
-    and that of the ``alive`` nodes."""
+    """Every TTL/6 for ``seconds``: renew the presence of ``node`` and of the ``alive``
+    nodes, and run the liveness sweep of each (only the one holding the sweeper lease
+    sweeps: any of them may have taken it when it came free)."""
     lost: list[Recovered] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for each in (node, *alive):
             each.node.renew(each.raw)
-        lost += node.node.sweep(node.raw, node.channel)
+        for each in (node, *alive):
+            lost += each.node.sweep(each.raw, each.channel)
         time.sleep(TTL / 6)
     return lost
 
