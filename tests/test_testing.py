@@ -46,7 +46,7 @@ def test_the_docs_contract_example_passes_against_the_memory_backend(tmp_path: P
     example = docs_example()
     assert len(example.splitlines()) < 20
     output = run_as_test_module(tmp_path, "test_my_backend.py", example)
-    assert re.search(r"\b67 passed\b", output), output
+    assert re.search(r"\b71 passed\b", output), output
 
 
 def test_the_docs_hook_testing_example_passes(tmp_path: Path) -> None:

@@ -183,6 +183,55 @@ class CoordinationBackend(Protocol):
 
 
 @dataclass(frozen=True)
+class HeldLock:
+    """A lock lease held now, as ``LockListing.held_locks`` read it.
+
+    ``key`` is the lock key as the task rendered it (no prefix, no hash tag), ``holder``
+    the owner string of the delivery holding it, ``expires_in`` the seconds until the
+    lease expires unless its holder renews it. ``fencing_token`` is the lock key's
+    current token, the one its holder got (None if the counter is gone). ``held_for``
+    is the seconds since that token was issued, read from it: a token is the store's
+    clock in microseconds at the acquisition, unless that clock was behind the previous
+    token; it is None then (the token is ahead of the store's clock now), and after a
+    renewal it still counts from the acquisition.
+    """
+
+    key: str
+    holder: str
+    expires_in: float
+    fencing_token: int | None
+    held_for: float | None
+
+
+def held_for(token: int | None, now_us: int) -> float | None:
+    """Seconds from fencing token ``token`` to the store's clock ``now_us`` (µs), or None
+    when there is no token or it is ahead of the clock (it was not the clock's time)."""
+    if token is None or token > now_us:
+        return None
+    return (now_us - token) / 1_000_000
+
+
+@runtime_checkable
+class LockListing(Protocol):
+    """A coordination backend that can list the lock leases held in its namespace.
+
+    Optional: the web page's "Locks held" section needs it, nothing else does, and a
+    backend written before it keeps working without it. Every built-in backend has it.
+    """
+
+    def held_locks(self, *, limit: int = 1000) -> list[HeldLock]:
+        """Up to ``limit`` lock leases held now in this backend's key namespace, sorted
+        by key; when more are held, which of them are returned is not specified.
+
+        Read, never written, and not one atomic snapshot: a lease taken, renewed or
+        freed meanwhile may be missed or seen at either moment. On Redis this is a
+        ``SCAN`` of the keyspace (of every primary on a Cluster), so it costs in
+        proportion to all the keys the server holds, not to the locks alone.
+        """
+        ...
+
+
+@dataclass(frozen=True)
 class Page:
     """One page of dead letters, newest first.
 

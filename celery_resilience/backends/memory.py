@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery_resilience.backends.base import Admission, AdmitResult
+from celery_resilience.backends.base import Admission, AdmitResult, HeldLock, held_for
 from celery_resilience.hookspecs import hookimpl
 from celery_resilience.settings import Settings
 
@@ -223,6 +223,26 @@ class MemoryCoordinationBackend:
                 return False
             del store.data[name]
             return True
+
+    def held_locks(self, *, limit: int = 1000) -> list[HeldLock]:
+        """``LockListing.held_locks``: the lock leases of this prefix, read under the
+        store's lock (so one snapshot here)."""
+        store, start = self._store, f"{self._prefix}:lock:"
+        found = []
+        with store.lock:
+            now, now_us = time.monotonic(), time.time_ns() // 1000
+            for name in sorted(k for k in store.data if k.startswith(start)):
+                holder = store.get(name, now)
+                if holder is None:
+                    continue
+                key = name.removeprefix(start)
+                token = store.get(self._lock_keys(key)[1], now)
+                found.append(
+                    HeldLock(key, holder, store.ttl(name, now), token, held_for(token, now_us))
+                )
+                if len(found) >= limit:
+                    break
+        return found
 
     def ping(self) -> None:
         """The in-process store always answers."""

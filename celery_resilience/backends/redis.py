@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from celery_resilience.backends.base import Admission, AdmitResult
+from celery_resilience.backends.base import Admission, AdmitResult, HeldLock, held_for
 from celery_resilience.backends.clients import connect, is_cluster
 from celery_resilience.errors import BackendUnavailable
 from celery_resilience.hookspecs import hookimpl
@@ -90,19 +90,29 @@ def storage(url: str, role: str, options: Mapping[str, Any] | None = None) -> St
     return Storage(persistent=all(kept), eviction_policy=next((p for p in policies if p), None))
 
 
+def servers(client: Any) -> list[Any]:
+    """A client of each server whose data ``client`` reaches: itself, or on a Cluster a
+    plain client of each primary (for commands that must ask every node)."""
+    if hasattr(client, "get_primaries"):  # RedisCluster
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [client]
+
+
 def _configs(client: Any) -> list[dict[Any, Any]]:
     """The persistence and eviction settings of each server behind ``client``."""
-    targets = [client]
-    if hasattr(client, "get_primaries"):  # RedisCluster: ask each primary itself
-        targets = [client.get_redis_connection(node) for node in client.get_primaries()]
     return [
         {
             **target.config_get("appendonly"),
             **target.config_get("save"),
             **target.config_get("maxmemory-policy"),
         }
-        for target in targets
+        for target in servers(client)
     ]
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by a ``SCAN MATCH`` pattern."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 @functools.cache
@@ -114,6 +124,12 @@ def lua(name: str) -> str:
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
+
+SCAN_COUNT = 1000
+"""Keys one ``SCAN`` call of ``held_locks`` walks. The walk costs the server about 0.5 µs
+per key whatever the count (measured: 114 ms for 200,000 keys); 1,000 keeps each call
+near half a millisecond, so the workers' lease commands never wait longer behind it
+(10,000 saved 10% of the page's time)."""
 
 WAIT_TIMEOUT_MS = 1000
 """How long an acquisition waits for ``resilience_lock_replicas`` replicas to confirm it."""
@@ -272,6 +288,51 @@ class RedisCoordinationBackend:
         keys = [f"{self._prefix}:dedup:{key}"]
         return bool(self._call("dedup release", self._release, keys, [task_id]))
 
+    def held_locks(self, *, limit: int = 1000) -> list[HeldLock]:
+        """``LockListing.held_locks``: a ``SCAN`` of each server for lock lease names,
+        then, on that server, its ``TIME`` and each lease's holder, TTL and token."""
+        found: list[HeldLock] = call(
+            "coordination", self.url, "held locks", self._held_locks, limit
+        )
+        return found
+
+    def _held_locks(self, limit: int) -> list[HeldLock]:
+        prefix = self._prefix.encode()
+        pattern = glob_escape(self._prefix) + (":{lock:*}:lock:*" if self._cluster else ":lock:*")
+        found: list[HeldLock] = []
+        for server in servers(self._client):
+            names: dict[bytes, bytes] = {}  # lease name -> lock key (SCAN may repeat a name)
+            for name in server.scan_iter(match=pattern, count=SCAN_COUNT):
+                key = _lock_key(name, prefix, self._cluster)
+                if key is not None:
+                    names[name] = key
+                if len(found) + len(names) >= limit:
+                    break
+            pipe = server.pipeline(transaction=False)
+            pipe.time()
+            for name, key in names.items():
+                pipe.get(name).pttl(name).get(_fence_name(key, prefix, self._cluster))
+            reply = pipe.execute()
+            seconds, micros = reply[0]
+            now_us = int(seconds) * 1_000_000 + int(micros)
+            for i, key in enumerate(names.values()):
+                holder, left_ms, raw_token = reply[1 + 3 * i : 4 + 3 * i]
+                if holder is None or left_ms < 0:  # freed since the scan (or never expires)
+                    continue
+                token = int(raw_token) if raw_token is not None else None
+                found.append(
+                    HeldLock(
+                        key.decode("utf-8", "replace"),
+                        holder.decode("utf-8", "replace"),
+                        left_ms / 1000,
+                        token,
+                        held_for(token, now_us),
+                    )
+                )
+            if len(found) >= limit:
+                break
+        return sorted(found, key=lambda lock: lock.key)[:limit]
+
     def ping(self) -> None:
         self._call("ping", lambda keys, args: self._client.ping(), [], [])
 
@@ -280,6 +341,23 @@ class RedisCoordinationBackend:
 
     def __repr__(self) -> str:
         return f"<RedisCoordinationBackend {self.url}>"
+
+
+def _lock_key(name: bytes, prefix: bytes, cluster: bool) -> bytes | None:
+    """The lock key of the lease named ``name`` (``_keys``' fifth name), or None if
+    ``name`` only looks like one (a ``SCAN MATCH`` cannot say where the key ends)."""
+    if not cluster:
+        return name[len(prefix) + 6 :]  # <prefix>:lock:<key>
+    rest = name[len(prefix) + 7 :]  # <prefix>:{lock:<key>}:lock:<key>
+    key = rest[: (len(rest) - 7) // 2]
+    return key if rest == key + b"}:lock:" + key else None
+
+
+def _fence_name(key: bytes, prefix: bytes, cluster: bool) -> bytes:
+    """The fencing counter's name of lock ``key`` (``_keys``' sixth name)."""
+    if not cluster:
+        return prefix + b":fence:" + key
+    return prefix + b":{lock:" + key + b"}:fence:" + key
 
 
 @hookimpl(trylast=True)

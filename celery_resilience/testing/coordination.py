@@ -14,6 +14,8 @@ from celery_resilience.backends.base import (
     Admission,
     AdmitResult,
     CoordinationBackend,
+    HeldLock,
+    LockListing,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +89,20 @@ def _run_lease_and_lock_elsewhere(backend: CoordinationBackend, owner: str) -> t
     _admit(backend, tid, owner=owner)
     _admit(backend, _new_id(), owner="x", lock_key=key)
     return tid, key
+
+
+def _lister(backend: CoordinationBackend) -> LockListing:
+    """``backend`` as a ``LockListing``; the test is skipped for a backend without it
+    (optional: only the web page's "Locks held" needs it)."""
+    if not isinstance(backend, LockListing):
+        import pytest
+
+        pytest.skip(f"{type(backend).__name__} has no held_locks (optional)")
+    return backend
+
+
+def _held(backend: CoordinationBackend) -> dict[str, HeldLock]:
+    return {lock.key: lock for lock in _lister(backend).held_locks()}
 
 
 def _new_id() -> str:
@@ -643,6 +659,71 @@ class CoordinationBackendContract(_Contract):
         assert backend.holds(_new_id(), None, "a") is False
         _finish(backend, tid, owner="a", lock_key=key)
         assert backend.holds(tid, key, "a") is False
+
+    # --- listing held locks (optional: LockListing) ---------------------------------------
+
+    def test_held_locks_name_each_holder_its_token_and_times(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """Each lock held is listed once, sorted by key, with its holder, the token its
+        acquisition got, the seconds left of its lease and the seconds held so far."""
+        keys = sorted(_new_key() for _ in range(3))
+        tokens = {}
+        for i, key in enumerate(keys):
+            tokens[key] = _admit(backend, _new_id(), owner=f"o{i}", lock_key=key).fencing_token
+        _admit(backend, _new_id(), owner="no-lock")
+        held = _lister(backend).held_locks()
+        assert [lock.key for lock in held] == keys
+        for i, lock in enumerate(held):
+            assert lock.holder == f"o{i}"
+            assert lock.fencing_token == tokens[lock.key]
+            assert 0 < lock.expires_in <= _ADMIT["lease_ttl"]
+            assert lock.held_for is not None
+            assert 0 <= lock.held_for < 10
+
+    def test_held_locks_count_from_the_acquisition_not_the_renewal(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """A renewal extends ``expires_in``; ``held_for`` keeps counting from the admission."""
+        key, tid = _new_key(), _new_id()
+        _admit(backend, tid, lock_key=key, lease_ttl=1.0)
+        time.sleep(0.3)
+        assert backend.renew(tid, key, "o1", 30.0) is True
+        lock = _held(backend)[key]
+        assert lock.expires_in > 1.0
+        assert lock.held_for is not None
+        assert lock.held_for >= 0.3
+
+    def test_held_locks_leave_out_freed_expired_and_other_prefixes_locks(
+        self, backend_factory: Callable[..., CoordinationBackend]
+    ) -> None:
+        """A lock finished, released or expired is not listed, nor one of another prefix."""
+        a, b = (backend_factory(key_prefix=f"held-{ns}") for ns in "ab")
+        finished, released, expired, kept = (_new_key() for _ in range(4))
+        ids = {key: _new_id() for key in (finished, released, expired, kept)}
+        for key in (finished, released, kept):
+            _admit(a, ids[key], lock_key=key)
+        _admit(a, ids[expired], lock_key=expired, lease_ttl=_SHORT_LEASE)
+        _admit(b, _new_id(), owner="b", lock_key=_new_key())
+        _finish(a, ids[finished], lock_key=finished)
+        a.release(ids[released], released, "o1")
+        _wait_out_leases()
+        assert list(_held(a)) == [kept]
+        assert len(_held(b)) == 1
+        a.close()
+        b.close()
+
+    def test_held_locks_keep_keys_as_rendered_and_stop_at_the_limit(
+        self, backend: CoordinationBackend
+    ) -> None:
+        """Keys with the characters of a SCAN pattern, colons and non-ASCII text come back
+        as the task rendered them; at most ``limit`` locks come back."""
+        tag = _new_id()[:8]
+        keys = sorted(f"{tag}:{s}" for s in ("a*b", "q?[x]", "lock:x:lock:x", "}{", "día\\"))
+        for key in keys:
+            _admit(backend, _new_id(), lock_key=key)
+        assert sorted(_held(backend)) == keys
+        assert len(_lister(backend).held_locks(limit=2)) == 2
 
     # --- dedup keys -----------------------------------------------------------------------
 
