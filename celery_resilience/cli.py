@@ -53,7 +53,7 @@ from celery_resilience.dlq import (
 from celery_resilience.doctor import diagnose
 from celery_resilience.errors import ResilienceError
 from celery_resilience.masking import MASK, view
-from celery_resilience.nodes import LiveNode, LostNode, Nodes, read_nodes
+from celery_resilience.nodes import expires_text, holds_text, read_nodes, recovered_text
 from celery_resilience.options import options_of
 from celery_resilience.runtime import runtime
 from celery_resilience.urls import mask_url
@@ -410,7 +410,6 @@ def doctor(
 
 
 LOST_SHOWN = 10  # lost nodes the table shows (--json gives every one kept)
-TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 @resilience.command()
@@ -439,8 +438,8 @@ def nodes(as_json: bool) -> None:
                 _fit(one_line(n.hostname), 60),
                 one_line(n.pid if n.pid is not None else "?"),
                 _fit(one_line(",".join(n.queues) or "-"), 60),
-                _expires(n, found),
-                _holds(n),
+                expires_text(n, found),
+                holds_text(n),
             ]
             for n in found.live
         ]
@@ -455,7 +454,7 @@ def nodes(as_json: bool) -> None:
                 when(n.lost_at, found.now) if n.lost_at is not None else "?",
                 _fit(one_line(n.nodename), 60),
                 _fit(one_line(n.hostname), 60),
-                _recovered(n),
+                recovered_text(n),
             ]
             for n in found.lost[:LOST_SHOWN]
         ]
@@ -467,47 +466,14 @@ def nodes(as_json: bool) -> None:
     click.echo(f"{found.holders} lease holder {plural} present")
 
 
-def _expires(node: LiveNode, found: Nodes) -> str:
-    if not node.expired:
-        return f"in {node.expires_in:.1f} s"
-    if found.sweeping:
-        return "expired, being recovered"
-    return "expired, recovered once a node sweeps"
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{one_line(name)}{TIMES}{n}" for name, n in counts.items())
-
-
-def _holds(node: LiveNode) -> str:
-    """How many messages ``node`` holds, then how many of each task, most first (over the
-    first ``scanned`` only when ``capped``), and how many are no longer unacked."""
-    if not node.holds:
-        return "0"
-    details = []
-    if node.by_task:
-        first = f" (first {node.scanned})" if node.capped else ""
-        details.append(f"by task{first}: {_counts(node.by_task)}")
-    gone = node.scanned - sum(node.by_task.values())
-    if gone:
-        details.append(f"{gone} acked or requeued since its last refresh")
-    return f"{node.holds} ({'; '.join(details)})" if details else str(node.holds)
-
-
-def _recovered(node: LostNode) -> str:
-    """How many messages the recovery of ``node`` put back, then how many to each queue."""
-    if not node.recovered:
-        return "0"
-    return f"{node.messages} ({_counts(node.recovered)})"
-
-
 @resilience.command()
 @_option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR", help="Listen here.")
 @_option("--port", type=click.IntRange(1, 65535), default=5566, show_default=True)
 @_option("--read-only", is_flag=True, help="Show no forms; refuse every POST (403).")
 @_reports_errors
 def web(bind: str, port: int, read_only: bool) -> None:
-    """Serve a page of the dead letters: list, filter, an entry, replay and delete.
+    """Serve a page of the dead letters (list, filter, an entry, replay and delete), and
+    one of the worker nodes, the nodes lost recently and the locks held now.
 
     Binds to 127.0.0.1 unless --bind says otherwise; any other address needs the setting
     resilience_web_token, which every request must then carry. Runs until interrupted.

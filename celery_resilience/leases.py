@@ -71,6 +71,25 @@ def new_owner(nodename: str, task_id: str, presence: str | None = None) -> str:
     return _SEP.join((host, str(pid), _start_time(pid), nodename, task_id, token, presence or ""))
 
 
+@dataclass(frozen=True)
+class Owner:
+    """What an owner string from ``new_owner`` says: the machine's host name, the
+    process id, the worker node name and the task id of the delivery."""
+
+    host: str
+    pid: int
+    nodename: str
+    task_id: str
+
+
+def parse_owner(owner: str) -> Owner | None:
+    """``owner``'s parts, or None when it is not ``new_owner``'s (a custom holder)."""
+    parts = owner.split(_SEP)
+    if len(parts) not in (6, 7) or not parts[1].isdigit():
+        return None
+    return Owner(host=parts[0], pid=int(parts[1]), nodename=parts[3], task_id=parts[4])
+
+
 def presence_of(owner: str) -> str | None:
     """The presence id ``owner``'s process keeps, or ``None`` (none, or an older owner)."""
     parts = owner.split(_SEP)

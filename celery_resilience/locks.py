@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,6 +35,18 @@ def template_fields(template: str, what: str = "lock") -> list[str]:
             )
         names.append(base)
     return names
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """A pattern every key ``template`` renders matches in full: its text as written,
+    any text for each field (``"upload:{repoid}"`` matches ``"upload:42"``). A key of
+    another template may match too (``"{a}"`` matches every key)."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append("(?s:.*)")
+    return re.compile("".join(parts))
 
 
 def check_template(

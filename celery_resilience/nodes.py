@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_resilience import liveness
+from celery_resilience.describe import one_line
 from celery_resilience.errors import BackendUnavailable, ConfigurationError
 from celery_resilience.liveness.keys import Keys, execute, text
 from celery_resilience.runtime import runtime
@@ -252,3 +253,43 @@ def _float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+# -- the view as text, for ``resilience nodes`` and the web page alike ------------------
+
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+def expires_text(node: LiveNode, found: Nodes) -> str:
+    """When ``node``'s presence expires, or what happens to it once it has."""
+    if not node.expired:
+        return f"in {node.expires_in:.1f} s"
+    if found.sweeping:
+        return "expired, being recovered"
+    return "expired, recovered once a node sweeps"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{one_line(name)}{TIMES}{n}" for name, n in counts.items())
+
+
+def holds_text(node: LiveNode) -> str:
+    """How many messages ``node`` holds, then how many of each task, most first (over the
+    first ``scanned`` only when ``capped``), and how many are no longer unacked."""
+    if not node.holds:
+        return "0"
+    details = []
+    if node.by_task:
+        first = f" (first {node.scanned})" if node.capped else ""
+        details.append(f"by task{first}: {_counts(node.by_task)}")
+    gone = node.scanned - sum(node.by_task.values())
+    if gone:
+        details.append(f"{gone} acked or requeued since its last refresh")
+    return f"{node.holds} ({'; '.join(details)})" if details else str(node.holds)
+
+
+def recovered_text(node: LostNode) -> str:
+    """How many messages the recovery of ``node`` put back, then how many to each queue."""
+    if not node.recovered:
+        return "0"
+    return f"{node.messages} ({_counts(node.recovered)})"
