@@ -8,17 +8,13 @@ bind. The CLI is run as the real ``celery`` program for the bind rules.
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 from celery import Celery
@@ -26,61 +22,13 @@ from celery import Celery
 from celery_resilience import DeadLetter, DeadLetterQueue
 from celery_resilience.runtime import runtime
 from celery_resilience.testing.dlq import _NOW, _letter
-from celery_resilience.web.security import Guard, refusal
-from celery_resilience.web.server import WebServer
+from celery_resilience.web.security import refusal
 from tests.cli_support import app as cli_app
+from tests.support.web import Client, servers
 from tests.support.workers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-web-token"
-
-
-@dataclass
-class Response:
-    status: int
-    headers: http.client.HTTPMessage
-    text: str
-
-
-@dataclass
-class Client:
-    """An HTTP client of one browser session: it keeps the cookies it is given."""
-
-    port: int
-    cookies: dict[str, str] = field(default_factory=dict)
-    set_cookies: list[str] = field(default_factory=list)
-
-    def request(
-        self, method: str, path: str, form: dict[str, str] | None = None, **headers: str
-    ) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        body = urlencode(form).encode() if form is not None else None
-        all_headers = {k.replace("_", "-"): v for k, v in headers.items()}
-        if self.cookies:
-            all_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        if body is not None:
-            all_headers["Content-Type"] = "application/x-www-form-urlencoded"
-        conn.request(method, path, body=body, headers=all_headers)
-        reply = conn.getresponse()
-        text = reply.read().decode()
-        conn.close()
-        for cookie in reply.headers.get_all("Set-Cookie") or []:
-            self.set_cookies.append(cookie)
-            name, _, value = cookie.split(";")[0].partition("=")
-            self.cookies[name] = value
-        return Response(reply.status, reply.headers, text)
-
-    def get(self, path: str, **headers: str) -> Response:
-        return self.request("GET", path, **headers)
-
-    def post(self, path: str, form: dict[str, str], **headers: str) -> Response:
-        return self.request("POST", path, form, **headers)
-
-    def csrf(self, path: str = "/bulk/delete") -> str:
-        """The CSRF token of this session, from the form of the confirmation at ``path``."""
-        found = re.search(r'name="csrf" value="([^"]+)"', self.get(path).text)
-        assert found, f"no CSRF field on {path}"
-        return found.group(1)
 
 
 @pytest.fixture
@@ -120,20 +68,13 @@ Serve = Callable[..., Client]
 @pytest.fixture
 def serve(dlq: DeadLetterQueue) -> Iterator[Serve]:
     """Start the page's server on a free port (``token``, ``read_only``); a client of it."""
-    servers: list[WebServer] = []
+    with servers() as start:
 
-    def start(token: str | None = None, read_only: bool = False, mask: str = "") -> Client:
-        names = frozenset(n for n in mask.split(",") if n)
-        guard = Guard(token, read_only=read_only)
-        server = WebServer(("127.0.0.1", 0), dlq, names, guard, replay_rate=1000)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return Client(server.server_address[1])
+        def serve(token: str | None = None, read_only: bool = False, mask: str = "") -> Client:
+            names = frozenset(n for n in mask.split(",") if n)
+            return start(dlq, token, read_only, names)
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield serve
 
 
 def row_ids(text: str) -> list[str]:

@@ -62,15 +62,25 @@ def post_form(action: str, button: str, csrf: str, fields: Mapping[str, str | No
     )
 
 
-def document(title: str, body: str, *, app_name: str, message: str | None = None) -> str:
-    """A whole page: ``body`` is HTML, ``title``, ``app_name`` and ``message`` are text."""
+def document(
+    title: str,
+    body: str,
+    *,
+    app_name: str,
+    message: str | None = None,
+    refresh: int | None = None,
+) -> str:
+    """A whole page: ``body`` is HTML, ``title``, ``app_name`` and ``message`` are text;
+    with ``refresh`` the browser reloads it every that many seconds (no JavaScript)."""
     notice = f'<p class="message" role="status">{esc(message)}</p>' if message else ""
+    reload = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">{reload}'
         f"<title>{esc(title)} - celery-resilience</title>"
         f'<link rel="stylesheet" href="{STYLESHEET}"></head><body>'
-        f'<header><a href="/" class="home">Dead letters</a>'
+        '<header><a href="/" class="home">Dead letters</a>'
+        '<a href="/nodes" class="nodes">Nodes and leases</a>'
         f'<span class="app">app {esc(app_name)}</span></header>'
         f"<main>{notice}<h1>{esc(title)}</h1>{body}</main></body></html>"
     )

@@ -23,8 +23,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from celery_resilience.dlq import DeadLetterQueue, UnknownEntry
 from celery_resilience.errors import BackendUnavailable, ConfigurationError, ResilienceError
 from celery_resilience.masking import view
-from celery_resilience.web import actions, listing, pages
+from celery_resilience.web import actions, holding, listing, pages
 from celery_resilience.web.layout import entry_url, line, url
+from celery_resilience.web.nodes_page import nodes_page
 from celery_resilience.web.security import (
     AUTH_COOKIE,
     COOKIE_FLAGS,
@@ -40,7 +41,7 @@ MAX_FORM_BYTES = 64 * 1024
 
 
 class WebServer(ThreadingHTTPServer):
-    """Serves the page of one app's DLQ."""
+    """Serves the pages of one app: its DLQ, its nodes and the locks held."""
 
     daemon_threads = True
 
@@ -76,6 +77,20 @@ class WebServer(ThreadingHTTPServer):
     def take_message(self, session: str | None) -> str | None:
         with self._lock:
             return self._messages.pop(session, None) if session else None
+
+
+MAX_REFRESH = 3600
+"""The longest ``?refresh=`` of the nodes page, in seconds."""
+
+
+def _refresh(query: dict[str, str]) -> int | None:
+    """The ``refresh`` seconds asked for, or None; ``ConfigurationError`` if not 1-3600."""
+    raw = query.get("refresh")
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_REFRESH:
+        raise ConfigurationError(f"refresh={line(raw, 40)!r}: expected whole seconds, 1 to 3600")
+    return int(raw)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -197,6 +212,12 @@ class Handler(BaseHTTPRequestHandler):
                     message=message,
                 ),
             )
+            return
+        if path == "/nodes":
+            refresh = _refresh(query)
+            held = holding.read(server.queue.app, task_name=query.get("task") or None)
+            page = nodes_page(held, app_name=server.app_name, refresh=refresh)
+            self._html(HTTPStatus.OK, page)
             return
         confirm = self._confirmation(path, query)
         if confirm is not None:
