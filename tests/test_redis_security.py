@@ -161,6 +161,33 @@ def test_acl_user_limited_to_key_prefix_runs_every_operation(
     assert any(admin.scan_iter(match=f"{key_prefix}:*")), "nothing was stored under the prefix"
 
 
+@pytest.mark.parametrize("rules", [MINIMAL_ACL, TYPICAL_ACL], ids=["minimal", "all-but-dangerous"])
+def test_listing_held_locks_needs_scan_and_a_refusal_is_named(
+    redis_url: str, acl_user: AclUserFactory, key_prefix: str, rules: str
+) -> None:
+    """The web page's lock list under an ACL user of the prefix: ``+@all -@dangerous``
+    lists the lock; the workers' minimal rules have no ``scan``, and the error names the
+    backend, the operation and the refusal, without the password."""
+    name, password = acl_user(rules, f"~{key_prefix}:*")
+    backend = RedisCoordinationBackend(
+        _with_credentials(redis_url, name, password), key_prefix=key_prefix
+    )
+    try:
+        backend.admit(
+            "t1", owner="o", publish="p", lock_key="k1", lease_ttl=30, max_crashes=3, record_ttl=60
+        )
+        if rules == TYPICAL_ACL:
+            assert [lock.key for lock in backend.held_locks()] == ["k1"]
+        else:
+            with pytest.raises(
+                BackendUnavailable, match="during held locks: NoPermissionError"
+            ) as e:
+                backend.held_locks()
+            assert password not in str(e.value)
+    finally:
+        backend.close()
+
+
 def test_acl_user_with_wrong_password_raises_masked_backend_unavailable(
     redis_url: str, acl_user: AclUserFactory, key_prefix: str
 ) -> None:

@@ -10,8 +10,13 @@ runs each of its tasks again, a form posted without its CSRF token is refused.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import socket
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ import pytest
 from celery_resilience import DeadLetter
 from tests.integration import app as app_module
 from tests.integration.harness import Cluster, wait_until
+from tests.integration.heartbeat_cluster import on_host
 from tests.support import services, workers
 
 pytestmark = pytest.mark.integration
@@ -28,6 +34,8 @@ pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 EVIL = "<script>alert(1)</script>"
+TIMES = "\N{MULTIPLICATION SIGN}"
+SCREENSHOTS = os.environ.get("CELERY_RESILIENCE_TEST_SCREENSHOTS")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +46,8 @@ def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def page_url(cluster: Cluster) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(cluster: Cluster) -> Iterator[str]:
     """``celery -A tests.integration.app resilience web --port <free>``, as a user runs it."""
     port = workers.free_port()
     with subprocess.Popen(
@@ -61,6 +69,20 @@ def page_url(cluster: Cluster) -> Iterator[str]:
         finally:
             proc.terminate()
             proc.communicate(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page_url(cluster: Cluster) -> Iterator[str]:
+    with serving(cluster) as url:
+        yield url
+
+
+def screenshot(browser: Any, tmp_path: Path, name: str) -> None:
+    """Save the page as ``name.png`` in the test's directory, and in the directory
+    ``CELERY_RESILIENCE_TEST_SCREENSHOTS`` names, if set (how docs/img gets them)."""
+    browser.save_screenshot(str(tmp_path / f"{name}.png"))
+    if SCREENSHOTS:
+        browser.save_screenshot(str(Path(SCREENSHOTS) / f"{name}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +175,7 @@ def test_list_filter_and_an_entry_with_a_malicious_argument_shown_as_text(
     browser.get(page_url + "/")
     assert rows(browser)[:2] == [other.id, evil.id]
     assert "crt.fails_terminally" in browser.find_element(By.CSS_SELECTOR, "table.counts").text
-    browser.save_screenshot(str(tmp_path / "list.png"))
+    screenshot(browser, tmp_path, "web-dlq")
 
     Select(browser.find_element(By.NAME, "task")).select_by_visible_text("crt.fails_terminally")
     Select(browser.find_element(By.NAME, "reason")).select_by_visible_text("error")
@@ -171,7 +193,7 @@ def test_list_filter_and_an_entry_with_a_malicious_argument_shown_as_text(
     assert browser.find_elements(By.TAG_NAME, "script") == []
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text  # noqa: B018  # reading it is the check
-    browser.save_screenshot(str(tmp_path / "entry.png"))
+    screenshot(browser, tmp_path, "web-entry")
 
 
 def test_replay_from_the_entry_page_runs_the_task_again_in_the_worker(
@@ -263,3 +285,98 @@ def test_a_public_bind_without_a_token_is_refused(cluster: Cluster) -> None:
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("error: --bind 0.0.0.0 is not a loopback address")
+
+
+def table_rows(browser: Any, css: str) -> list[list[str]]:
+    """The text of each cell of each body row of the table ``css``."""
+    from selenium.webdriver.common.by import By
+
+    return [
+        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in browser.find_elements(By.CSS_SELECTOR, f"table.{css} tbody tr")
+    ]
+
+
+def reload_until(browser: Any, url: str, check: Any, what: str, report: Any) -> Any:
+    """Load ``url`` until ``check()`` answers something true (the page then shows it)."""
+
+    def shown() -> Any:
+        browser.get(url)
+        return check()
+
+    return wait_until(shown, what, report, timeout=60)
+
+
+def test_nodes_page_shows_the_nodes_the_lock_held_and_a_killed_node_as_lost(
+    redis_url: str, browser: Any, tmp_path: Path
+) -> None:
+    """Two real nodes, the victim under its own host name running a locked task: the page
+    lists both nodes, what the victim holds and the lock it holds (its node, host, task
+    id, token). SIGKILL the victim: once the survivor recovered it, the page lists it
+    among the lost with its message back, and the lock held by the survivor under a
+    greater token."""
+    host = f"pod-{uuid.uuid4().hex[:6]}"
+    logdir = tmp_path / "workers"
+    logdir.mkdir()
+    cluster = Cluster(redis_url=redis_url, logdir=logdir)
+    try:
+        (victim,) = cluster.start("victim", wrap=on_host(host))
+        tag = cluster.tag()
+        result = cluster.send("crt.blocks_until_released", tag)
+        wait_until(lambda: cluster.starts(tag), "the first start", cluster.report)
+        (survivor,) = cluster.start("survivor")
+        victim_name, survivor_name = (
+            f"{victim.name}@{host}",
+            f"{survivor.name}@{socket.gethostname()}",
+        )
+        with serving(cluster) as url:
+            page = f"{url}/nodes"
+
+            def victim_holds() -> list[str] | None:
+                rows = {row[0]: row for row in table_rows(browser, "nodes")}
+                row = rows.get(victim_name)
+                held = f"1 (by task: crt.blocks_until_released{TIMES}1)"
+                return row if row and row[5] == held and survivor_name in rows else None
+
+            row = reload_until(
+                browser, page, victim_holds, "the victim holding its task", cluster.report
+            )
+            assert row[1:4] == [host, row[2], cluster.queue]
+            assert row[4].startswith("in ")
+            (lock,) = table_rows(browser, "locks")
+            key, tasks, node, lock_host, _, task_id, _, _, token = lock
+            assert (key, node, lock_host, task_id) == (f"held:{tag}", victim_name, host, result.id)
+            assert tasks == "crt.blocks_until_released, crt.contends"
+            screenshot(browser, tmp_path, "web-nodes")
+
+            killed_at = victim.kill()
+
+            def lost_and_taken_over() -> list[list[str]] | None:
+                lost = [row for row in table_rows(browser, "lost") if row[1] == victim_name]
+                locks = table_rows(browser, "locks")
+                taken = locks and locks[0][2] == survivor_name
+                return lost if lost and taken else None
+
+            (lost,) = reload_until(
+                browser,
+                page,
+                lost_and_taken_over,
+                "the victim lost, its lock taken over",
+                cluster.report,
+            )
+            print(f"\nthe page showed the victim lost and its lock taken over "
+                  f"{time.time() - killed_at:.1f} s after SIGKILL")  # fmt: skip
+            assert lost[2:] == [host, f"1 ({cluster.queue}{TIMES}1)"]
+            assert victim_name not in [row[0] for row in table_rows(browser, "nodes")]
+            (after,) = table_rows(browser, "locks")
+            assert (after[0], after[3], after[5]) == (
+                f"held:{tag}",
+                socket.gethostname(),
+                result.id,
+            )
+            assert int(after[8]) > int(token)
+            screenshot(browser, tmp_path, "web-nodes-lost")
+        cluster.release(tag)
+        cluster.wait_until_settled(result, tag)
+    finally:
+        cluster.close()
