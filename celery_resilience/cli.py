@@ -493,7 +493,7 @@ def web(bind: str, port: int, read_only: bool) -> None:
         raise Failure(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
     host = f"[{bind}]" if ":" in bind else bind
     mode = " (read-only)" if read_only else ""
-    click.echo(f"serving the dead letters of app {queue.app.main} on http://{host}:{port}/{mode}")
+    click.echo(f"serving the pages of app {queue.app.main} on http://{host}:{port}/{mode}")
     sys.stdout.flush()
     try:
         server.serve_forever()
