@@ -337,6 +337,9 @@ def test_with_a_token_every_request_needs_it(dlq: DeadLetterQueue, serve: Serve)
     assert 'action="/login"' in denied.text
     assert entry.id not in denied.text
     assert client.get(f"/entries/{entry.id}").status == 401
+    nodes = client.get("/nodes")
+    assert nodes.status == 401
+    assert "Locks held" not in nodes.text
     assert client.get("/", Authorization="Bearer wrong").status == 401
     assert client.get("/", Authorization=f"Bearer {TOKEN}").status == 200
 
@@ -350,6 +353,7 @@ def test_with_a_token_every_request_needs_it(dlq: DeadLetterQueue, serve: Serve)
     assert "SameSite=Strict" in cookie
     assert TOKEN not in cookie
     assert row_ids(client.get("/").text) == [entry.id]
+    assert client.get("/nodes").status == 200
     # Without the CSRF token a signed-in POST is still refused.
     assert client.post(f"/entries/{entry.id}/delete", {}).status == 403
     assert dlq.count() == 1
