@@ -12,7 +12,10 @@ import html
 import os
 import re
 import socket
+import sys
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -156,6 +159,28 @@ def test_the_task_filter_keeps_its_locks_and_a_freed_lock_is_gone(
 
     assert runtime(app).backend.release("t1", "upload:1", owner) is True
     assert [row[0] for row in table(client.get("/nodes").text, "locks")] == ["report:monday"]
+
+
+def test_tasks_of_the_modules_the_app_imports_name_their_locks(
+    redis_url: str, key_prefix: str, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task in a module of the app's ``imports`` (not yet imported, as with
+    ``celery -A proj``) names its locks, as a worker would register it."""
+    module = f"webnodes_tasks_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        "from celery import shared_task\n"
+        "from celery_resilience import resilient\n\n"
+        '@resilient(lock="sync:{account}")\n'
+        f'@shared_task(name="{module}.sync")\n'
+        "def sync(account):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = make_app(redis_url, redis_url, key_prefix, imports=[module])
+    take(app, "sync:acme", new_owner("celery@node-a", "t9"), "t9")
+    assert module not in sys.modules
+    rows = table(serve(app).get("/nodes").text, "locks")
+    assert [row[:2] for row in rows] == [["sync:acme", f"{module}.sync"]]
 
 
 def test_without_liveness_the_nodes_part_says_why_and_the_locks_still_show(

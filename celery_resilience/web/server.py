@@ -65,9 +65,14 @@ class WebServer(ThreadingHTTPServer):
         self._messages: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def task_names(self) -> list[str]:
+    def loaded_app(self) -> Any:
+        """The app, with the modules of its ``imports``/``include`` imported (their
+        tasks registered), as a worker imports them."""
         self.queue.app.loader.import_default_modules()
-        return listing.task_names(self.queue.app)
+        return self.queue.app
+
+    def task_names(self) -> list[str]:
+        return listing.task_names(self.loaded_app())
 
     def leave_message(self, session: str, message: str) -> None:
         """Keep ``message`` for the next page ``session`` reads (the redirect's)."""
@@ -215,7 +220,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if path == "/nodes":
             refresh = _refresh(query)
-            held = holding.read(server.queue.app, task_name=query.get("task") or None)
+            held = holding.read(server.loaded_app(), task_name=query.get("task") or None)
             page = nodes_page(held, app_name=server.app_name, refresh=refresh)
             self._html(HTTPStatus.OK, page)
             return
