@@ -49,6 +49,24 @@ def table(header: Iterable[str], rows: Iterable[Iterable[str]], css: str = "") -
     return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def select(
+    name: str,
+    label: str,
+    options: Iterable[str],
+    chosen: str | None,
+    texts: Mapping[str, str] | None = None,
+) -> str:
+    """A labelled drop-down of ``options`` (first *any*, the empty value), ``chosen``
+    selected; an option shows as ``texts[option]`` when given (all text, escaped here)."""
+    shown = texts or {}
+    items = ['<option value="">any</option>'] + [
+        f'<option value="{esc(o)}"{" selected" if o == chosen else ""}>'
+        f"{esc(shown.get(o, o))}</option>"
+        for o in options
+    ]
+    return f'<label>{esc(label)} <select name="{esc(name)}">{"".join(items)}</select></label>'
+
+
 def post_form(action: str, button: str, csrf: str, fields: Mapping[str, str | None]) -> str:
     """A form that POSTs ``fields`` and the CSRF token to ``action``."""
     hidden = "".join(

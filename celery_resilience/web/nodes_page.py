@@ -7,7 +7,7 @@ from __future__ import annotations
 from celery_resilience.describe import age, when
 from celery_resilience.nodes import Nodes, expires_text, holds_text, recovered_text
 from celery_resilience.web.holding import Holding, LockRow
-from celery_resilience.web.layout import document, esc, line, link, table, url
+from celery_resilience.web.layout import document, esc, line, link, select, table, url
 
 REFRESH_CHOICES = (5, 30)
 """Seconds between reloads the page offers (``?refresh=``)."""
@@ -75,15 +75,13 @@ def _lock_row(row: LockRow) -> list[str]:
 
 
 def _locks(holding: Holding, refresh: int | None) -> str:
-    options = ['<option value="">any</option>'] + [
-        f'<option value="{esc(name)}"{" selected" if name == holding.task_name else ""}>'
-        f"{esc(name)} ({esc(line(template, 80))})</option>"
-        for name, template in holding.locked_tasks.items()
-    ]
+    texts = {
+        name: f"{name} ({line(template, 80)})" for name, template in holding.locked_tasks.items()
+    }
+    tasks = select("task", "task", holding.locked_tasks, holding.task_name, texts)
     refresh_field = f'<input type="hidden" name="refresh" value="{refresh}">' if refresh else ""
     filters = (
-        '<form method="get" action="/nodes" class="filters">'
-        f'<label>task <select name="task">{"".join(options)}</select></label>{refresh_field}'
+        f'<form method="get" action="/nodes" class="filters">{tasks}{refresh_field}'
         '<button type="submit">Filter</button></form>'
     )
     if holding.locks_error is not None:

@@ -16,18 +16,11 @@ from celery_resilience.web.layout import (
     line,
     link,
     post_form,
+    select,
     table,
     url,
 )
 from celery_resilience.web.listing import Listing
-
-
-def _select(name: str, label: str, options: list[str], chosen: str | None) -> str:
-    items = ['<option value="">any</option>'] + [
-        f'<option value="{esc(o)}"{" selected" if o == chosen else ""}>{esc(o)}</option>'
-        for o in options
-    ]
-    return f'<label>{esc(label)} <select name="{esc(name)}">{"".join(items)}</select></label>'
 
 
 def _counts(listing: Listing) -> str:
@@ -60,8 +53,8 @@ def list_page(
     """The list: filter form, counts, bulk actions, one page of entries, next-page link."""
     filters = (
         '<form method="get" action="/" class="filters">'
-        f"{_select('task', 'task', listing.task_names, listing.task_name)}"
-        f"{_select('reason', 'reason', list(GIVE_UP_REASONS), listing.reason)}"
+        f"{select('task', 'task', listing.task_names, listing.task_name)}"
+        f"{select('reason', 'reason', list(GIVE_UP_REASONS), listing.reason)}"
         '<button type="submit">Filter</button></form>'
     )
     where = {"task": listing.task_name, "reason": listing.reason}
